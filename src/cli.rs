@@ -1,0 +1,83 @@
+//! Command-line interface (clap).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// hostplane: kernel-bypass host dataplane on DPDK (MAC-NAT networking, vhost-user-blk storage).
+#[derive(Parser, Debug)]
+#[command(name = "hostplane", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the dataplane. Without --config: the embedded default (generated vdev traffic).
+    Run(RunArgs),
+    /// Benchmarks that print a ratio against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Print hostplane's and DPDK's versions.
+    Version,
+}
+
+/// Lcore and EAL options shared by `run` and `bench`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EalArgs {
+    /// Lcores to use, as EAL's -l: `0-3,5`. The main lcore prints stats; the others poll ports.
+    #[arg(short = 'l', long = "lcore-list", value_name = "LIST", conflicts_with = "lcores")]
+    pub lcore_list: Option<String>,
+    /// Lcore-to-CPU map, as EAL's --lcores: `(0-3)@0,4@1`.
+    #[arg(long, value_name = "MAP")]
+    pub lcores: Option<String>,
+    /// The main lcore (default: the first lcore).
+    #[arg(long, value_name = "N")]
+    pub main_lcore: Option<u32>,
+    /// Extra EAL arguments after `--`, as testpmd takes them: `-- --no-huge --vdev net_null0`.
+    #[arg(last = true, value_name = "EAL ARGS")]
+    pub eal: Vec<String>,
+}
+
+/// `hostplane run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Config file (TOML; see docs/config.md).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Stop after S seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long, value_name = "S")]
+    pub duration: Option<f64>,
+    /// Print counters every S seconds (0 = only the summary at exit).
+    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    pub stats_interval: f64,
+    /// Lcores and EAL arguments.
+    #[command(flatten)]
+    pub eal: EalArgs,
+}
+
+/// `hostplane bench ...`.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// MAC-NAT vs plain MAC swap on net_null, 64 B IPv4 frames, at 1 k and 1 M entries.
+    Macnat(BenchMacnatArgs),
+}
+
+/// `hostplane bench macnat`.
+#[derive(Args, Debug)]
+pub struct BenchMacnatArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    pub time: f64,
+    /// Table sizes to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1_000usize, 1_000_000])]
+    pub entries: Vec<usize>,
+    /// Also measure with two worker lcores.
+    #[arg(long)]
+    pub scaling: bool,
+    /// Lcores and EAL arguments.
+    #[command(flatten)]
+    pub eal: EalArgs,
+}

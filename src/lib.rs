@@ -1,0 +1,14 @@
+//! hostplane: a kernel-bypass host dataplane on DPDK.
+//!
+//! - [`env`]: the only code that calls DPDK (EAL, lcores, mempools, mbufs, ethdev, rings).
+//! - [`net`]: frame parsing and MAC-NAT, the table, the poll-mode lcore loop.
+//! - [`config`], [`lcores`], [`cli`], [`runtime`]: configuration and the `run` command.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod env;
+pub mod lcores;
+pub mod net;
+pub mod runtime;
+pub mod signals;

@@ -1,0 +1,22 @@
+//! hostplane binary: parse the command line and hand over to the runtime.
+
+use clap::Parser;
+use hostplane::cli::{BenchCommand, Cli, Command};
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => hostplane::runtime::run(&args),
+        Command::Bench(BenchCommand::Macnat(args)) => hostplane::bench::macnat(&args),
+        Command::Version => {
+            println!("hostplane {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", hostplane::env::dpdk_version());
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("hostplane: error: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,394 @@
+//! `hostplane run`: start EAL, set up ports and the MAC-NAT table, launch a net loop on every
+//! net lcore, print counters on the main lcore, stop cleanly on SIGINT/SIGTERM or --duration.
+
+use crate::cli::{EalArgs, RunArgs};
+use crate::config::{Config, ConfigError, LcorePlan};
+use crate::env::ethdev::{RxQueue, TxQueue};
+use crate::env::lcore::{self, LcoreHandle};
+use crate::env::{Eal, EthPort, Mempool, PortConfig};
+use crate::net::dataplane::{NetLcore, PortRole};
+use crate::net::macnat::MacNatTable;
+use crate::net::nat::Policy;
+use crate::net::stats::{CountersSnapshot, LcoreCounters};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Errors at the CLI edge: any of the layers' typed errors, with context.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A port as the dataplane uses it.
+#[derive(Clone, Debug)]
+pub struct PortInfo {
+    /// ethdev id.
+    pub id: u16,
+    /// Logical name (config `port.name`, or the device name).
+    pub name: String,
+    /// ethdev device name.
+    pub device: String,
+    /// Uplink or VM side.
+    pub role: PortRole,
+    /// Rx queues configured.
+    pub rx_queues: u16,
+}
+
+/// A running dataplane: ports started, net lcores polling.
+pub struct Dataplane {
+    /// Ports in id order.
+    pub ports: Vec<PortInfo>,
+    /// The live MAC-NAT table (add/delete while traffic flows).
+    pub table: MacNatTable,
+    /// (lcore id, counters) of every net lcore.
+    pub lcores: Vec<(u32, Arc<LcoreCounters>)>,
+    stop: Arc<AtomicBool>,
+    handles: Vec<LcoreHandle>,
+    // Dropped last: EAL cleanup after lcores are joined and ports stopped.
+    eal: Eal,
+}
+
+/// Free hugepages of the default size (0 when none are reserved).
+pub fn hugepages_free() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("HugePages_Free:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Builds the EAL argument list for a config and lcore plan.
+pub fn eal_args(cfg: &Config, plan: &LcorePlan, cli: &EalArgs) -> Vec<String> {
+    let mut a = Vec::new();
+    match (&cli.lcores, &cli.lcore_list, &cfg.eal.lcore_map) {
+        (Some(map), None, _) => a.extend(["--lcores".to_string(), map.clone()]),
+        (None, None, Some(map)) if cfg.eal.lcores.is_none() => a.extend(["--lcores".to_string(), map.clone()]),
+        _ => a.extend(["-l".to_string(), crate::lcores::format_lcore_list(&plan.eal)]),
+    }
+    a.extend(["--main-lcore".to_string(), plan.main.to_string()]);
+    for p in &cfg.ports {
+        if let Some(args) = &p.args {
+            a.extend(["--vdev".to_string(), format!("{},{}", p.device, args)]);
+        }
+    }
+    a.extend(cfg.eal.args.iter().cloned());
+    a.extend(cli.eal.iter().cloned());
+    if !a.iter().any(|x| x == "--no-huge") && hugepages_free() == 0 {
+        log::warn!("no free hugepages: running with --no-huge --no-shconf (about 2x slower); reserve some with `hugepage-setup config --pages 1024`");
+        a.extend(["--no-huge".to_string(), "--no-shconf".to_string()]);
+        if !a.iter().any(|x| x == "-m" || x.starts_with("--socket-mem")) {
+            a.extend(["-m".to_string(), "512".to_string()]);
+        }
+    }
+    a
+}
+
+impl Dataplane {
+    /// Starts EAL, ports and net lcores from a validated config.
+    pub fn start(cfg: &Config, cli: &EalArgs) -> Result<Dataplane, Error> {
+        cfg.validate_static()?;
+        let plan = cfg.lcore_plan(cli.lcore_list.as_deref(), cli.lcores.as_deref(), cli.main_lcore)?;
+        let args = eal_args(cfg, &plan, cli);
+        log::info!("EAL arguments: {}", args.join(" "));
+        let eal = Eal::init(&args)?;
+        for l in &plan.net {
+            if !eal.lcore_enabled(*l) {
+                return Err(ConfigError::Field { field: "net.lcores".into(), msg: format!("lcore {l} is not enabled in EAL") }.into());
+            }
+        }
+
+        // Resolve ports: from the config, or every ethdev EAL created (first = uplink).
+        let mut ports = Vec::new();
+        if cfg.ports.is_empty() {
+            let all = EthPort::all();
+            if all.is_empty() {
+                return Err("no ports: give [[port]] entries in the config, or vdevs after `--` (e.g. -- --vdev net_null0 --vdev net_null1)".into());
+            }
+            for (i, p) in all.iter().enumerate() {
+                let role = if i == 0 { PortRole::Uplink } else { PortRole::Vm };
+                ports.push(PortInfo { id: p.id(), name: p.name(), device: p.name(), role, rx_queues: 0 });
+            }
+        } else {
+            let avail: Vec<String> = EthPort::all().iter().map(|p| p.name()).collect();
+            for (i, pc) in cfg.ports.iter().enumerate() {
+                let p = EthPort::by_name(&pc.device).map_err(|_| ConfigError::Field {
+                    field: format!("port[{i}].device"),
+                    msg: format!("no ethdev named {:?} (available: {})", pc.device, if avail.is_empty() { "none".into() } else { avail.join(", ") }),
+                })?;
+                ports.push(PortInfo { id: p.id(), name: pc.name.clone(), device: pc.device.clone(), role: pc.role, rx_queues: 0 });
+            }
+        }
+        let uplink = ports.iter().find(|p| p.role == PortRole::Uplink).map(|p| p.id).ok_or("no uplink port")?;
+        let max_id = ports.iter().map(|p| p.id as usize).max().unwrap_or(0);
+        if max_id >= crate::net::stats::MAX_PORTS {
+            return Err(format!("port id {max_id} is beyond the {} ports hostplane supports", crate::net::stats::MAX_PORTS).into());
+        }
+        let find_port = |name: &str| ports.iter().find(|p| (p.name == name || p.device == name) && p.role == PortRole::Vm).map(|p| p.id);
+        let flood_port = match &cfg.net.flood_port {
+            Some(n) => find_port(n),
+            None => ports.iter().find(|p| p.role == PortRole::Vm).map(|p| p.id),
+        };
+        let entries = cfg.macnat_entries(find_port)?;
+        let policy = Policy { uplink, flood_port, unknown_ip: cfg.net.unknown_ip, spoofed: cfg.net.spoofed, control: cfg.net.control };
+
+        // Queues: one rx queue per net lcore (as many as the driver allows) and one tx queue per
+        // net lcore on every port, so no two lcores ever share a queue.
+        let n = plan.net.len() as u16;
+        let nb_mbufs = (ports.len() as u32) * u32::from(n) * 2 * 1024 + 8192;
+        let pool = Mempool::pktmbuf("hp_mbufs", nb_mbufs, 256, 2048 + 128, -1)?;
+        let mut rx_by_lcore: Vec<Vec<(RxQueue, PortRole)>> = (0..n).map(|_| Vec::new()).collect();
+        let mut tx_by_lcore: Vec<Vec<Option<TxQueue>>> = (0..n).map(|_| (0..=max_id).map(|_| None).collect()).collect();
+        for p in ports.iter_mut() {
+            let dev = EthPort::from_id(p.id)?;
+            let (max_rx, max_tx) = dev.max_queues()?;
+            if max_tx < n {
+                return Err(format!("port {} ({}) supports {max_tx} tx queues; hostplane needs one per net lcore ({n}): use fewer net lcores", p.name, p.device).into());
+            }
+            let rxq = n.min(max_rx).max(1);
+            let pc = PortConfig { rx_queues: rxq, tx_queues: n, rx_desc: 1024, tx_desc: 1024, promiscuous: true };
+            let (rx, tx) = dev.configure(&pc, pool)?;
+            for (i, q) in rx.into_iter().enumerate() {
+                rx_by_lcore[i].push((q, p.role));
+            }
+            for (i, q) in tx.into_iter().enumerate() {
+                tx_by_lcore[i][p.id as usize] = Some(q);
+            }
+            dev.start()?;
+            p.rx_queues = rxq;
+            let link = dev.link();
+            let mac = dev.mac();
+            log::info!(
+                "port {} {} ({}, {}): {:?}, {} rx / {n} tx queues, mac {}, link {}",
+                p.id,
+                p.name,
+                p.device,
+                dev.driver(),
+                p.role,
+                rxq,
+                crate::net::packet::MacAddr(mac),
+                if link.up { format!("up {} Mbps", link.speed_mbps) } else { "down".into() }
+            );
+        }
+
+        let table = MacNatTable::new(&entries, plan.net.len())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut lcores = Vec::new();
+        let mut handles = Vec::new();
+        for (i, (rx, tx)) in rx_by_lcore.into_iter().zip(tx_by_lcore).enumerate() {
+            let counters = Arc::new(LcoreCounters::default());
+            let reader = table.reader(i).ok_or("table has fewer reader slots than net lcores")?;
+            let worker = NetLcore { rx, tx, policy, table: reader, counters: counters.clone() };
+            let stop = stop.clone();
+            let lcore_id = plan.net[i];
+            handles.push(lcore::launch(lcore_id, move || worker.run(&stop))?);
+            lcores.push((lcore_id, counters));
+        }
+        Ok(Dataplane { ports, table, lcores, stop, handles, eal })
+    }
+
+    /// Sum of every lcore's counters.
+    pub fn totals(&self) -> CountersSnapshot {
+        let mut t = CountersSnapshot::default();
+        for (_, c) in &self.lcores {
+            t.add(&c.snapshot());
+        }
+        t
+    }
+
+    /// Stops the net lcores, then the ports. Returns the final totals.
+    pub fn stop(mut self) -> Result<CountersSnapshot, Error> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut failed = Vec::new();
+        for h in self.handles.drain(..) {
+            if let Err(e) = h.join() {
+                failed.push(e);
+            }
+        }
+        let totals = self.totals();
+        for p in &self.ports {
+            if let Ok(dev) = EthPort::from_id(p.id) {
+                let _ = dev.stop();
+            }
+        }
+        let _ = &self.eal;
+        if !failed.is_empty() {
+            return Err(failed.join("; ").into());
+        }
+        Ok(totals)
+    }
+
+    /// The counters table printed each interval: one line per lcore and per port.
+    pub fn report(&self, elapsed: f64, dt: f64, prev: &mut Vec<CountersSnapshot>) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "--- t={elapsed:.1}s");
+        let _ = writeln!(s, "  {:<8} {:>12} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>6}", "lcore", "rx", "tx", "rx-Mpps", "egress-nat", "ingress-nat", "untouched", "dropped", "busy%");
+        prev.resize(self.lcores.len(), CountersSnapshot::default());
+        let mut totals = CountersSnapshot::default();
+        for ((id, c), p) in self.lcores.iter().zip(prev.iter_mut()) {
+            let now = c.snapshot();
+            let dpolls = now.polls.saturating_sub(p.polls).max(1);
+            let busy = 100.0 * now.busy_polls.saturating_sub(p.busy_polls) as f64 / dpolls as f64;
+            let _ = writeln!(
+                s,
+                "  {:<8} {:>12} {:>12} {:>10.3} {:>12} {:>12} {:>10} {:>10} {:>6.1}",
+                id,
+                now.rx,
+                now.tx,
+                if dt > 0.0 { now.rx.saturating_sub(p.rx) as f64 / dt / 1e6 } else { 0.0 },
+                now.egress_translated,
+                now.ingress_translated,
+                now.untouched,
+                now.dropped(),
+                busy
+            );
+            totals.add(&now);
+            *p = now;
+        }
+        for port in &self.ports {
+            let (rx, tx) = totals.ports.get(port.id as usize).copied().unwrap_or((0, 0));
+            let hw = EthPort::from_id(port.id).ok().and_then(|d| d.stats().ok()).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "  port {} {:<10} {:<6} rx {:>12} tx {:>12}  (driver: ipackets {} opackets {} imissed {} ierrors {} oerrors {} rx_nombuf {})",
+                port.id,
+                port.name,
+                match port.role {
+                    PortRole::Uplink => "uplink",
+                    PortRole::Vm => "vm",
+                },
+                rx,
+                tx,
+                hw.ipackets,
+                hw.opackets,
+                hw.imissed,
+                hw.ierrors,
+                hw.oerrors,
+                hw.rx_nombuf
+            );
+        }
+        if totals.dropped() > 0 {
+            let mut d: Vec<String> = totals.drops.iter().map(|(n, c)| format!("{n}={c}")).collect();
+            if totals.tx_full > 0 {
+                d.push(format!("tx_full={}", totals.tx_full));
+            }
+            let _ = writeln!(s, "  drops: {}", d.join(" "));
+        }
+        s
+    }
+}
+
+/// `hostplane run`.
+pub fn run(args: &RunArgs) -> Result<(), Error> {
+    let (cfg, _tmp) = match &args.config {
+        Some(path) => (Config::load(path)?, None),
+        None => {
+            let (cfg, dir) = crate::runtime::embedded_default()?;
+            log::info!("no --config: running the embedded default (net_pcap ports replaying generated traffic from {})", dir.display());
+            (cfg, Some(TempDir(dir)))
+        }
+    };
+    crate::signals::install();
+    let dp = Dataplane::start(&cfg, &args.eal)?;
+    let started = Instant::now();
+    let interval = if args.stats_interval > 0.0 { Some(Duration::from_secs_f64(args.stats_interval)) } else { None };
+    let mut next = interval.map(|i| started + i);
+    let mut prev = Vec::new();
+    let mut last = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = Instant::now();
+        if crate::signals::stop_requested() {
+            log::info!("signal received: stopping");
+            break;
+        }
+        if args.duration.is_some_and(|d| now.duration_since(started).as_secs_f64() >= d) {
+            break;
+        }
+        if let (Some(n), Some(i)) = (next, interval) {
+            if now >= n {
+                let dt = now.duration_since(last).as_secs_f64();
+                print!("{}", dp.report(now.duration_since(started).as_secs_f64(), dt, &mut prev));
+                last = now;
+                next = Some(n + i);
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut zero = Vec::new();
+    let summary = dp.report(elapsed, elapsed, &mut zero);
+    let totals = dp.stop()?;
+    println!("=== summary after {elapsed:.1}s");
+    print!("{summary}");
+    println!(
+        "total: rx {} tx {} egress-nat {} ingress-nat {} untouched {} dropped {}",
+        totals.rx, totals.tx, totals.egress_translated, totals.ingress_translated, totals.untouched, totals.dropped()
+    );
+    Ok(())
+}
+
+/// Removes the embedded default's temp dir on exit.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The embedded default: an uplink and a VM port on `net_pcap`, each replaying (forever) a
+/// generated capture, two VMs in the MAC-NAT table. Transmitted frames are discarded by
+/// net_pcap (no tx_pcap given), so it runs at full speed without filling a disk.
+pub fn embedded_default() -> Result<(Config, PathBuf), Error> {
+    use crate::net::frames;
+    use crate::net::packet::MacAddr;
+    let dir = std::env::temp_dir().join(format!("hostplane-default-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let vm_local = [MacAddr([0x52, 0x54, 0, 0, 0, 2]), MacAddr([0x52, 0x54, 0, 0, 0, 3])];
+    let global = MacAddr([0x02, 0, 0, 0, 0, 1]);
+    let router = MacAddr([0x02, 0, 0, 0, 0, 0xfe]);
+    let vm_ip = [[10, 0, 0, 2], [10, 0, 0, 3]];
+    let remote = [10, 0, 0, 1];
+    let mut vm_frames = Vec::new();
+    let mut up_frames = Vec::new();
+    for i in 0..2 {
+        vm_frames.push(frames::ipv4_udp(router, vm_local[i], vm_ip[i], remote, 60));
+        vm_frames.push(frames::arp(MacAddr([0xff; 6]), vm_local[i], 1, vm_local[i], vm_ip[i], MacAddr([0; 6]), remote));
+        up_frames.push(frames::ipv4_udp(global, router, remote, vm_ip[i], 60));
+        up_frames.push(frames::arp(global, router, 2, router, remote, global, vm_ip[i]));
+    }
+    let vm_pcap = dir.join("vm0-rx.pcap");
+    let up_pcap = dir.join("uplink-rx.pcap");
+    crate::net::pcap::write_frames(&vm_pcap, &vm_frames)?;
+    crate::net::pcap::write_frames(&up_pcap, &up_frames)?;
+    let toml = format!(
+        r#"
+[eal]
+args = ["--no-pci"]
+
+[[port]]
+name = "uplink"
+device = "net_pcap0"
+args = "rx_pcap={up},infinite_rx=1"
+role = "uplink"
+
+[[port]]
+name = "vm0"
+device = "net_pcap1"
+args = "rx_pcap={vm},infinite_rx=1"
+role = "vm"
+
+[[macnat]]
+ip = "10.0.0.2"
+local_mac = "52:54:00:00:00:02"
+global_mac = "02:00:00:00:00:01"
+port = "vm0"
+
+[[macnat]]
+ip = "10.0.0.3"
+local_mac = "52:54:00:00:00:03"
+global_mac = "02:00:00:00:00:01"
+port = "vm0"
+"#,
+        up = up_pcap.display(),
+        vm = vm_pcap.display()
+    );
+    Ok((Config::parse(&toml, "embedded default")?, dir))
+}

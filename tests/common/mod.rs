@@ -1,0 +1,38 @@
+//! Shared helpers for integration tests that start EAL.
+//!
+//! EAL can be initialised once per process, so each test file that starts EAL holds exactly one
+//! `#[test]` (cargo runs every test file as its own process).
+#![allow(dead_code)]
+
+/// EAL arguments for a test: no hugepages, no PCI scan, no shared config, a unique file prefix.
+///
+/// DPDK 22.11 refuses `--in-memory` together with `--no-huge` ("--legacy-mem is not compatible
+/// with --in-memory": --no-huge implies legacy memory), so tests use `--no-shconf`, which
+/// likewise leaves no runtime files behind, plus a unique `--file-prefix`.
+pub fn eal_test_args(name: &str) -> Vec<String> {
+    vec![
+        "--no-huge".into(),
+        "--no-pci".into(),
+        "--no-shconf".into(),
+        "-m".into(),
+        "256".into(),
+        "--file-prefix".into(),
+        format!("hp-test-{name}-{}", std::process::id()),
+        "--log-level".into(),
+        "lib.eal:warning".into(),
+    ]
+}
+
+/// A fresh temp dir for one test.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("hp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+/// Where the shared captures live (`../shared/pcaps` from the project root), if present.
+pub fn shared_pcaps() -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/pcaps");
+    p.is_dir().then_some(p)
+}

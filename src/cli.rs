@@ -15,7 +15,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the dataplane. Without --config: the embedded default (generated vdev traffic).
+    /// Run the dataplane. Without --config: the ports given as --vdev after `--` (first = uplink),
+    /// or else the embedded default (two net_pcap ports replaying generated VM/uplink traffic).
     Run(RunArgs),
     /// Benchmarks that print a ratio against a baseline measured in the same run.
     #[command(subcommand)]

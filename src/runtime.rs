@@ -280,6 +280,8 @@ impl Dataplane {
 pub fn run(args: &RunArgs) -> Result<(), Error> {
     let (cfg, _tmp) = match &args.config {
         Some(path) => (Config::load(path)?, None),
+        // Ports given as vdevs on the command line: use them (first = uplink), no table.
+        None if args.eal.eal.iter().any(|a| a == "--vdev" || a.starts_with("--vdev=")) => (Config::default(), None),
         None => {
             let (cfg, dir) = crate::runtime::embedded_default()?;
             log::info!("no --config: running the embedded default (net_pcap ports replaying generated traffic from {})", dir.display());

@@ -110,16 +110,21 @@ impl<T: Send + Sync + 'static> RcuReader<T> {
         self.quiescent();
     }
 
-    /// The current version. Valid until the next [`RcuReader::quiescent`] or
-    /// [`RcuReader::offline`]; the borrow on `self` enforces that.
+    /// The current version, going online first if needed. The borrow on `self` keeps it valid
+    /// until the next [`RcuReader::quiescent`] or [`RcuReader::offline`].
     #[inline(always)]
-    pub fn get(&self) -> &T {
-        // SAFETY: this reader is online (counter != 0 once online() ran; before that a writer
-        // treats it as offline, so callers must call online() first — debug-asserted). The
-        // version loaded now is not freed until this reader reports a quiescent state, which
-        // needs &mut self, so the returned borrow cannot outlive it.
-        debug_assert!(self.counter != 0, "RcuReader::get before online()");
-        unsafe { &*self.inner.current.load(Ordering::Acquire) }
+    pub fn get(&mut self) -> &T {
+        if self.counter == 0 || self.inner.readers[self.slot].0.load(Ordering::Relaxed) == 0 {
+            self.quiescent();
+            // Going online must be visible before the pointer is loaded, or a writer could
+            // miss this reader and free the version we are about to load.
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+        // SAFETY: this reader is online (its slot is non-zero, published with a SeqCst fence
+        // before this load), so a writer that swaps the pointer after this load waits for this
+        // reader's next quiescent state before freeing; that needs &mut self, which the
+        // returned borrow prevents while it lives.
+        unsafe { &*self.inner.current.load(Ordering::SeqCst) }
     }
 
     /// Reports that this reader holds no reference into any version.

@@ -76,7 +76,13 @@ fn worker(
     back: mpsc::Sender<Queues>,
 ) -> i32 {
     let template: [u8; 64] = {
-        let f = crate::net::frames::ipv4_udp(MacAddr([2, 0, 0, 0, 0, 0xfe]), entry_local(0), [10, 0, 0, 1], [10, 9, 9, 9], 64);
+        let f = crate::net::frames::ipv4_udp(
+            MacAddr([2, 0, 0, 0, 0, 0xfe]),
+            entry_local(0),
+            [10, 0, 0, 1],
+            [10, 9, 9, 9],
+            64,
+        );
         let mut t = [0u8; 64];
         t.copy_from_slice(&f[..64]);
         t
@@ -94,16 +100,23 @@ fn worker(
         if q.rx.rx_burst(&mut rxb) == 0 {
             continue;
         }
+        // The "NIC" writes each frame (same cost in both modes).
+        for m in rxb.as_mut_slice() {
+            fill(m.data_mut(), &template, seq[pos]);
+            pos = if pos + 1 == seq.len() { 0 } else { pos + 1 };
+        }
         match (mode, table.as_mut()) {
             (Mode::MacNat, Some(reader)) => {
                 let t = reader.get();
+                // As the dataplane does: a prefetch pass over the burst, then the work.
+                for m in rxb.as_slice() {
+                    nat::prefetch_egress(m.data(), t);
+                }
                 while let Some(mut m) = rxb.pop_front() {
-                    let idx = seq[pos];
-                    pos = if pos + 1 == seq.len() { 0 } else { pos + 1 };
-                    let d = m.data_mut();
-                    fill(d, &template, idx);
-                    match nat::egress(d, 1, t, &policy) {
-                        Verdict::Forward { translated: true, .. } => {
+                    match nat::egress(m.data_mut(), 1, t, &policy) {
+                        Verdict::Forward {
+                            translated: true, ..
+                        } => {
                             let _ = txb.push(m);
                         }
                         _ => bad += 1,
@@ -113,10 +126,7 @@ fn worker(
             }
             _ => {
                 while let Some(mut m) = rxb.pop_front() {
-                    let idx = seq[pos];
-                    pos = if pos + 1 == seq.len() { 0 } else { pos + 1 };
                     let d = m.data_mut();
-                    fill(d, &template, idx);
                     if d.len() >= 12 {
                         let mut tmp = [0u8; 6];
                         tmp.copy_from_slice(&d[0..6]);
@@ -169,7 +179,9 @@ fn measure(
         };
         let (stop, done, back, seq) = (stop.clone(), done.clone(), tx.clone(), seq.clone());
         let offset = i * 7919;
-        handles.push(lcore::launch(*lc, move || worker(q, mode, reader, policy, seq, offset, stop, done, back))?);
+        handles.push(lcore::launch(*lc, move || {
+            worker(q, mode, reader, policy, seq, offset, stop, done, back)
+        })?);
     }
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -182,12 +194,18 @@ fn measure(
     drop(tx);
     queues.extend(rx.iter());
     if failed {
-        return Err(format!("{mode:?}: a worker saw frames that were not translated (bench setup is wrong)").into());
+        return Err(format!(
+            "{mode:?}: a worker saw frames that were not translated (bench setup is wrong)"
+        )
+        .into());
     }
     let pkts = done.load(Ordering::SeqCst) as f64;
     let mpps = pkts / elapsed / 1e6;
     let cycles = tsc_hz() as f64 * elapsed * lcores.len() as f64 / pkts.max(1.0);
-    Ok(Measurement { mpps, cycles_per_pkt: cycles })
+    Ok(Measurement {
+        mpps,
+        cycles_per_pkt: cycles,
+    })
 }
 
 /// Runs the MAC-NAT benchmark and prints Mpps, cycles/packet and ratios against MAC swap.
@@ -204,69 +222,165 @@ pub fn macnat(args: &BenchMacnatArgs) -> Result<(), Error> {
     if let Some(m) = args.eal.main_lcore {
         eal_args.extend(["--main-lcore".into(), m.to_string()]);
     }
-    eal_args.extend(["--vdev".into(), "net_null0".into(), "--vdev".into(), "net_null1".into()]);
+    eal_args.extend([
+        "--vdev".into(),
+        "net_null0".into(),
+        "--vdev".into(),
+        "net_null1".into(),
+    ]);
     eal_args.extend(args.eal.eal.iter().cloned());
     let hp = !eal_args.iter().any(|a| a == "--no-huge") && crate::runtime::hugepages_free() > 0;
     if !hp && !eal_args.iter().any(|a| a == "--no-huge") {
-        eal_args.extend(["--no-huge".into(), "--no-shconf".into(), "-m".into(), "512".into()]);
+        eal_args.extend([
+            "--no-huge".into(),
+            "--no-shconf".into(),
+            "-m".into(),
+            "512".into(),
+        ]);
     }
     let eal = Eal::init(&eal_args)?;
     let workers: Vec<u32> = eal.worker_lcores();
     if workers.len() < workers_wanted {
-        return Err(format!("need {workers_wanted} worker lcores, EAL has {}", workers.len()).into());
+        return Err(format!(
+            "need {workers_wanted} worker lcores, EAL has {}",
+            workers.len()
+        )
+        .into());
     }
     let rx_port = EthPort::by_name("net_null0")?;
     let tx_port = EthPort::by_name("net_null1")?;
     let pool = Mempool::pktmbuf("bench_pool", 16383, 256, 2048 + 128, -1)?;
-    let pc = PortConfig { rx_queues: 2, tx_queues: 2, rx_desc: 1024, tx_desc: 1024, promiscuous: false };
+    let pc = PortConfig {
+        rx_queues: 2,
+        tx_queues: 2,
+        rx_desc: 1024,
+        tx_desc: 1024,
+        promiscuous: false,
+    };
     let (rxqs, _) = rx_port.configure(&pc, pool)?;
     let (_, txqs) = tx_port.configure(&pc, pool)?;
     rx_port.start()?;
     tx_port.start()?;
-    let all_queues: Vec<Queues> = rxqs.into_iter().zip(txqs).map(|(rx, tx)| Queues { rx, tx }).collect();
+    let all_queues: Vec<Queues> = rxqs
+        .into_iter()
+        .zip(txqs)
+        .map(|(rx, tx)| Queues { rx, tx })
+        .collect();
     let mut queues = all_queues;
 
-    let policy = Policy { uplink: tx_port.id(), flood_port: None, unknown_ip: Disposition::Drop, spoofed: Disposition::Drop, control: Disposition::Drop };
+    let policy = Policy {
+        uplink: tx_port.id(),
+        flood_port: None,
+        unknown_ip: Disposition::Drop,
+        spoofed: Disposition::Drop,
+        control: Disposition::Drop,
+    };
     println!(
         "bench macnat: net_null -> net_null, 64 B Ethernet/IPv4/UDP, bursts of 32, {}, TSC {:.2} GHz, {} s per run",
         if hp { "hugepages" } else { "no hugepages (--no-huge: expect ~2x lower absolute numbers)" },
         tsc_hz() as f64 / 1e9,
         args.time
     );
-    println!("{:<10} {:>8} {:>10} {:>11} {:>14} {:>9}", "mode", "lcores", "entries", "Mpps", "cycles/pkt", "ratio");
+    println!(
+        "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9}",
+        "mode", "lcores", "entries", "Mpps", "cycles/pkt", "ratio"
+    );
     let mut rows: Vec<(String, usize, String, Measurement, Option<f64>)> = Vec::new();
-    let lcore_sets: Vec<Vec<u32>> = if args.scaling { vec![workers[..1].to_vec(), workers[..2].to_vec()] } else { vec![workers[..1].to_vec()] };
+    let lcore_sets: Vec<Vec<u32>> = if args.scaling {
+        vec![workers[..1].to_vec(), workers[..2].to_vec()]
+    } else {
+        vec![workers[..1].to_vec()]
+    };
     for lcs in &lcore_sets {
         let seq1 = Arc::new(index_sequence(1, 1));
-        let base1 = measure(lcs, &mut queues, Mode::MacSwap, None, policy, &seq1, args.time)?;
+        let base1 = measure(
+            lcs,
+            &mut queues,
+            Mode::MacSwap,
+            None,
+            policy,
+            &seq1,
+            args.time,
+        )?;
         let mut nat_rows = Vec::new();
         for &n in &args.entries {
             let n32 = u32::try_from(n).map_err(|_| "entries too large")?.max(1);
             let entries: Vec<MacNatEntry> = (0..n32)
-                .map(|i| MacNatEntry { ip: IpKey::V4(entry_ip(i).to_be_bytes()), local: entry_local(i), global: MacAddr([2, 0, 0, 0, 0, 1]), port: 1 })
+                .map(|i| MacNatEntry {
+                    ip: IpKey::V4(entry_ip(i).to_be_bytes()),
+                    local: entry_local(i),
+                    global: MacAddr([2, 0, 0, 0, 0, 1]),
+                    port: 1,
+                })
                 .collect();
             let table = MacNatTable::new(&entries, lcs.len())?;
             let seq = Arc::new(index_sequence(n32, (n32 as usize).clamp(4096, 1 << 20)));
-            let m = measure(lcs, &mut queues, Mode::MacNat, Some(&table), policy, &seq, args.time)?;
+            let m = measure(
+                lcs,
+                &mut queues,
+                Mode::MacNat,
+                Some(&table),
+                policy,
+                &seq,
+                args.time,
+            )?;
             nat_rows.push((n, m));
         }
-        let base2 = measure(lcs, &mut queues, Mode::MacSwap, None, policy, &seq1, args.time)?;
-        let base = Measurement { mpps: (base1.mpps + base2.mpps) / 2.0, cycles_per_pkt: (base1.cycles_per_pkt + base2.cycles_per_pkt) / 2.0 };
+        let base2 = measure(
+            lcs,
+            &mut queues,
+            Mode::MacSwap,
+            None,
+            policy,
+            &seq1,
+            args.time,
+        )?;
+        let base = Measurement {
+            mpps: (base1.mpps + base2.mpps) / 2.0,
+            cycles_per_pkt: (base1.cycles_per_pkt + base2.cycles_per_pkt) / 2.0,
+        };
         let drift = (base1.mpps - base2.mpps).abs() / base.mpps.max(1e-9);
-        println!("{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9}", "macswap", lcs.len(), "-", base.mpps, base.cycles_per_pkt, "1.00");
+        println!(
+            "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9}",
+            "macswap",
+            lcs.len(),
+            "-",
+            base.mpps,
+            base.cycles_per_pkt,
+            "1.00"
+        );
         for (n, m) in nat_rows {
             let ratio = m.mpps / base.mpps.max(1e-9);
-            println!("{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9.3}", "macnat", lcs.len(), n, m.mpps, m.cycles_per_pkt, ratio);
+            println!(
+                "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9.3}",
+                "macnat",
+                lcs.len(),
+                n,
+                m.mpps,
+                m.cycles_per_pkt,
+                ratio
+            );
             rows.push(("macnat".into(), lcs.len(), n.to_string(), m, Some(ratio)));
         }
-        println!("  (baseline measured before and after: {:.2} / {:.2} Mpps, drift {:.1} %)", base1.mpps, base2.mpps, drift * 100.0);
+        println!(
+            "  (baseline measured before and after: {:.2} / {:.2} Mpps, drift {:.1} %)",
+            base1.mpps,
+            base2.mpps,
+            drift * 100.0
+        );
         rows.push(("macswap".into(), lcs.len(), "-".into(), base, None));
     }
     if args.scaling {
-        let one: Vec<&(String, usize, String, Measurement, Option<f64>)> = rows.iter().filter(|r| r.1 == 1).collect();
+        let one: Vec<&(String, usize, String, Measurement, Option<f64>)> =
+            rows.iter().filter(|r| r.1 == 1).collect();
         for r2 in rows.iter().filter(|r| r.1 == 2) {
             if let Some(r1) = one.iter().find(|r| r.0 == r2.0 && r.2 == r2.2) {
-                println!("scaling {} {}: 2 lcores / 1 lcore = {:.2}x", r2.0, r2.2, r2.3.mpps / r1.3.mpps.max(1e-9));
+                println!(
+                    "scaling {} {}: 2 lcores / 1 lcore = {:.2}x",
+                    r2.0,
+                    r2.2,
+                    r2.3.mpps / r1.3.mpps.max(1e-9)
+                );
             }
         }
     }

@@ -29,7 +29,12 @@ pub enum Command {
 #[derive(Args, Debug, Clone, Default)]
 pub struct EalArgs {
     /// Lcores to use, as EAL's -l: `0-3,5`. The main lcore prints stats; the others poll ports.
-    #[arg(short = 'l', long = "lcore-list", value_name = "LIST", conflicts_with = "lcores")]
+    #[arg(
+        short = 'l',
+        long = "lcore-list",
+        value_name = "LIST",
+        conflicts_with = "lcores"
+    )]
     pub lcore_list: Option<String>,
     /// Lcore-to-CPU map, as EAL's --lcores: `(0-3)@0,4@1`.
     #[arg(long, value_name = "MAP")]

@@ -66,7 +66,10 @@ pub enum ConfigError {
 }
 
 fn field(field: impl Into<String>, msg: impl Into<String>) -> ConfigError {
-    ConfigError::Field { field: field.into(), msg: msg.into() }
+    ConfigError::Field {
+        field: field.into(),
+        msg: msg.into(),
+    }
 }
 
 /// `[eal]`.
@@ -167,13 +170,19 @@ pub struct LcorePlan {
 impl Config {
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.display().to_string(), err })?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: path.display().to_string(),
+            err,
+        })?;
         Config::parse(&text, &path.display().to_string())
     }
 
     /// Parses TOML text.
     pub fn parse(text: &str, name: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: name.into(), msg: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.into(),
+            msg: e.to_string(),
+        })?;
         cfg.validate_static()?;
         Ok(cfg)
     }
@@ -181,7 +190,10 @@ impl Config {
     /// Checks everything that does not need EAL.
     pub fn validate_static(&self) -> Result<(), ConfigError> {
         if self.eal.lcores.is_some() && self.eal.lcore_map.is_some() {
-            return Err(field("eal.lcore_map", "give either eal.lcores or eal.lcore_map, not both"));
+            return Err(field(
+                "eal.lcore_map",
+                "give either eal.lcores or eal.lcore_map, not both",
+            ));
         }
         if let Some(l) = &self.eal.lcores {
             parse_lcore_list(l).map_err(|e| field("eal.lcores", e.to_string()))?;
@@ -199,19 +211,35 @@ impl Config {
                 return Err(field(format!("port[{i}].name"), "must not be empty"));
             }
             if !names.insert(p.name.as_str()) {
-                return Err(field(format!("port[{i}].name"), format!("{:?} is used twice", p.name)));
+                return Err(field(
+                    format!("port[{i}].name"),
+                    format!("{:?} is used twice", p.name),
+                ));
             }
             if !devices.insert(p.device.as_str()) {
-                return Err(field(format!("port[{i}].device"), format!("{:?} is used twice", p.device)));
+                return Err(field(
+                    format!("port[{i}].device"),
+                    format!("{:?} is used twice", p.device),
+                ));
             }
             if p.device.contains([',', ' ']) {
-                return Err(field(format!("port[{i}].device"), "a device name has no commas or spaces (put vdev arguments in args)"));
+                return Err(field(
+                    format!("port[{i}].device"),
+                    "a device name has no commas or spaces (put vdev arguments in args)",
+                ));
             }
         }
         if !self.ports.is_empty() {
-            let uplinks = self.ports.iter().filter(|p| p.role == PortRole::Uplink).count();
+            let uplinks = self
+                .ports
+                .iter()
+                .filter(|p| p.role == PortRole::Uplink)
+                .count();
             if uplinks != 1 {
-                return Err(field("port", format!("exactly one port must have role = \"uplink\" ({uplinks} do)")));
+                return Err(field(
+                    "port",
+                    format!("exactly one port must have role = \"uplink\" ({uplinks} do)"),
+                ));
             }
         }
         if let Some(f) = &self.net.flood_port {
@@ -221,25 +249,58 @@ impl Config {
                 None => return Err(field("net.flood_port", format!("no port is named {f:?}"))),
             }
         }
-        self.macnat_entries(|name| self.ports.iter().position(|p| p.name == name && p.role == PortRole::Vm).map(|i| i as u16))?;
+        self.macnat_entries(|name| {
+            self.ports
+                .iter()
+                .position(|p| p.name == name && p.role == PortRole::Vm)
+                .map(|i| i as u16)
+        })?;
         Ok(())
     }
 
     /// The MAC-NAT entries, with port names resolved by `port_id`.
-    pub fn macnat_entries(&self, port_id: impl Fn(&str) -> Option<u16>) -> Result<Vec<MacNatEntry>, ConfigError> {
+    pub fn macnat_entries(
+        &self,
+        port_id: impl Fn(&str) -> Option<u16>,
+    ) -> Result<Vec<MacNatEntry>, ConfigError> {
         let mut out = Vec::with_capacity(self.macnat.len());
         let mut table = crate::net::macnat::MacNatVersion::default();
         for (i, m) in self.macnat.iter().enumerate() {
             let f = |k: &str| format!("macnat[{i}].{k}");
-            let ip: IpAddr = m.ip.parse().map_err(|_| field(f("ip"), format!("{:?} is not an IP address", m.ip)))?;
-            let local: MacAddr = m.local_mac.parse().map_err(|_| field(f("local_mac"), format!("{:?} is not a MAC address", m.local_mac)))?;
-            let global: MacAddr = m.global_mac.parse().map_err(|_| field(f("global_mac"), format!("{:?} is not a MAC address", m.global_mac)))?;
-            let port = port_id(&m.port).ok_or_else(|| field(f("port"), format!("no vm port is named {:?}", m.port)))?;
-            let e = MacNatEntry { ip: IpKey::from(ip), local, global, port };
+            let ip: IpAddr =
+                m.ip.parse()
+                    .map_err(|_| field(f("ip"), format!("{:?} is not an IP address", m.ip)))?;
+            let local: MacAddr = m.local_mac.parse().map_err(|_| {
+                field(
+                    f("local_mac"),
+                    format!("{:?} is not a MAC address", m.local_mac),
+                )
+            })?;
+            let global: MacAddr = m.global_mac.parse().map_err(|_| {
+                field(
+                    f("global_mac"),
+                    format!("{:?} is not a MAC address", m.global_mac),
+                )
+            })?;
+            let port = port_id(&m.port)
+                .ok_or_else(|| field(f("port"), format!("no vm port is named {:?}", m.port)))?;
+            let e = MacNatEntry {
+                ip: IpKey::from(ip),
+                local,
+                global,
+                port,
+            };
             table.insert(e).map_err(|e| {
                 let msg = e.to_string();
                 let k = msg.split(':').next().unwrap_or("ip").to_string();
-                field(f(if ["ip", "local_mac", "global_mac"].contains(&k.as_str()) { &k } else { "ip" }), msg)
+                field(
+                    f(if ["ip", "local_mac", "global_mac"].contains(&k.as_str()) {
+                        &k
+                    } else {
+                        "ip"
+                    }),
+                    msg,
+                )
             })?;
             out.push(e);
         }
@@ -247,18 +308,41 @@ impl Config {
     }
 
     /// Resolves the lcore layout: CLI values override the file.
-    pub fn lcore_plan(&self, cli_list: Option<&str>, cli_map: Option<&str>, cli_main: Option<u32>) -> Result<LcorePlan, ConfigError> {
+    pub fn lcore_plan(
+        &self,
+        cli_list: Option<&str>,
+        cli_map: Option<&str>,
+        cli_main: Option<u32>,
+    ) -> Result<LcorePlan, ConfigError> {
         let eal: BTreeSet<u32> = match (cli_list, cli_map, &self.eal.lcores, &self.eal.lcore_map) {
             (Some(l), _, _, _) => parse_lcore_list(l).map_err(|e| field("-l", e.to_string()))?,
-            (None, Some(m), _, _) => lcores_of_map(&parse_lcore_map(m).map_err(|e| field("--lcores", e.to_string()))?),
-            (None, None, Some(l), _) => parse_lcore_list(l).map_err(|e| field("eal.lcores", e.to_string()))?,
-            (None, None, None, Some(m)) => lcores_of_map(&parse_lcore_map(m).map_err(|e| field("eal.lcore_map", e.to_string()))?),
+            (None, Some(m), _, _) => {
+                lcores_of_map(&parse_lcore_map(m).map_err(|e| field("--lcores", e.to_string()))?)
+            }
+            (None, None, Some(l), _) => {
+                parse_lcore_list(l).map_err(|e| field("eal.lcores", e.to_string()))?
+            }
+            (None, None, None, Some(m)) => lcores_of_map(
+                &parse_lcore_map(m).map_err(|e| field("eal.lcore_map", e.to_string()))?,
+            ),
             (None, None, None, None) => default_lcores(),
         };
-        let main_field = if cli_main.is_some() { "--main-lcore" } else { "eal.main_lcore" };
+        let main_field = if cli_main.is_some() {
+            "--main-lcore"
+        } else {
+            "eal.main_lcore"
+        };
         let main = match cli_main.or(self.eal.main_lcore) {
             Some(m) if eal.contains(&m) => m,
-            Some(m) => return Err(field(main_field, format!("lcore {m} is not in the EAL lcore set {}", crate::lcores::format_lcore_list(&eal)))),
+            Some(m) => {
+                return Err(field(
+                    main_field,
+                    format!(
+                        "lcore {m} is not in the EAL lcore set {}",
+                        crate::lcores::format_lcore_list(&eal)
+                    ),
+                ))
+            }
             None => *eal.first().ok_or_else(|| field("-l", "no lcores"))?,
         };
         let workers: Vec<u32> = eal.iter().copied().filter(|l| *l != main).collect();
@@ -267,10 +351,19 @@ impl Config {
                 let set = parse_lcore_list(l).map_err(|e| field("net.lcores", e.to_string()))?;
                 for id in &set {
                     if !eal.contains(id) {
-                        return Err(field("net.lcores", format!("lcore {id} is not in the EAL lcore set {}", crate::lcores::format_lcore_list(&eal))));
+                        return Err(field(
+                            "net.lcores",
+                            format!(
+                                "lcore {id} is not in the EAL lcore set {}",
+                                crate::lcores::format_lcore_list(&eal)
+                            ),
+                        ));
                     }
                     if *id == main {
-                        return Err(field("net.lcores", format!("lcore {id} is the main lcore; net lcores must be workers")));
+                        return Err(field(
+                            "net.lcores",
+                            format!("lcore {id} is the main lcore; net lcores must be workers"),
+                        ));
                     }
                 }
                 set.into_iter().collect()
@@ -289,7 +382,10 @@ impl Config {
 
 /// Default lcores: the first two CPUs this process may run on (main + one net lcore).
 fn default_lcores() -> BTreeSet<u32> {
-    let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(2) as u32;
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(2) as u32;
     if n < 2 {
         // One CPU: two lcores on it still work (the main lcore mostly sleeps).
         return [0, 1].into_iter().collect();
@@ -330,20 +426,34 @@ role = "vm"
         let m = err_of(&format!("{PORTS}\n[[macnat]]\nip = \"10.0.0.3\"\nlocal_mac = \"52:54:00:00:00:01\"\nglobal_mac = \"02:00:00:00:00:01\"\nport = \"up\""));
         assert!(m.contains("macnat[0].port"), "{m}");
         assert!(err_of("[[port]]\nname = \"a\"\ndevice = \"x\"\nrole = \"vm\"").contains("uplink"));
-        assert!(err_of("[[port]]\nname = \"a\"\ndevice = \"x\"\nrole = \"sideways\"").contains("role"));
+        assert!(
+            err_of("[[port]]\nname = \"a\"\ndevice = \"x\"\nrole = \"sideways\"").contains("role")
+        );
     }
 
     #[test]
     fn lcore_plan_checks_membership() {
         let c = Config::parse("[eal]\nlcores = \"0-1\"\n[net]\nlcores = \"2\"", "t").unwrap();
-        assert!(c.lcore_plan(None, None, None).unwrap_err().to_string().contains("net.lcores"));
+        assert!(c
+            .lcore_plan(None, None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("net.lcores"));
         let c = Config::parse("[eal]\nlcores = \"0-2\"", "t").unwrap();
         let p = c.lcore_plan(None, None, Some(1)).unwrap();
         assert_eq!((p.main, p.net.clone()), (1, vec![0, 2]));
-        assert!(c.lcore_plan(None, None, Some(7)).unwrap_err().to_string().contains("--main-lcore"));
+        assert!(c
+            .lcore_plan(None, None, Some(7))
+            .unwrap_err()
+            .to_string()
+            .contains("--main-lcore"));
         let p = c.lcore_plan(None, Some("(0-1)@0,2@0"), None).unwrap();
         assert_eq!(p.net, vec![1, 2]);
-        assert!(c.lcore_plan(Some("0"), None, None).unwrap_err().to_string().contains("worker"));
+        assert!(c
+            .lcore_plan(Some("0"), None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("worker"));
     }
 
     #[test]

@@ -20,14 +20,22 @@ pub struct LcoreListError {
 }
 
 fn err(input: &str, reason: impl Into<String>) -> LcoreListError {
-    LcoreListError { input: input.to_string(), reason: reason.into() }
+    LcoreListError {
+        input: input.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn parse_id(input: &str, s: &str) -> Result<u32, LcoreListError> {
     let t = s.trim();
-    let v: u32 = t.parse().map_err(|_| err(input, format!("{t:?} is not an lcore number")))?;
+    let v: u32 = t
+        .parse()
+        .map_err(|_| err(input, format!("{t:?} is not an lcore number")))?;
     if v >= MAX_LCORE {
-        return Err(err(input, format!("lcore {v} is not below the limit {MAX_LCORE}")));
+        return Err(err(
+            input,
+            format!("lcore {v} is not below the limit {MAX_LCORE}"),
+        ));
     }
     Ok(v)
 }
@@ -108,7 +116,9 @@ fn split_top(input: &str) -> Result<Vec<&str>, LcoreListError> {
 fn parse_group(input: &str, s: &str) -> Result<BTreeSet<u32>, LcoreListError> {
     let s = s.trim();
     let inner = match s.strip_prefix('(') {
-        Some(rest) => rest.strip_suffix(')').ok_or_else(|| err(input, format!("{s:?} lacks ')'")))?,
+        Some(rest) => rest
+            .strip_suffix(')')
+            .ok_or_else(|| err(input, format!("{s:?} lacks ')'")))?,
         None => s,
     };
     if inner.contains(['(', ')']) {
@@ -162,7 +172,11 @@ pub fn format_lcore_list(ids: &BTreeSet<u32>) -> String {
             end += 1;
             it.next();
         }
-        out.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
     }
     out.join(",")
 }
@@ -180,7 +194,9 @@ mod tests {
         assert_eq!(parse_lcore_list("0-3,5").unwrap(), set(&[0, 1, 2, 3, 5]));
         assert_eq!(parse_lcore_list("7").unwrap(), set(&[7]));
         assert_eq!(parse_lcore_list(" 1 , 2 ").unwrap(), set(&[1, 2]));
-        for bad in ["", "a", "3-1", "1,,2", "0-", "-1", "128", "(0-1)@0", "1-2-3"] {
+        for bad in [
+            "", "a", "3-1", "1,,2", "0-", "-1", "128", "(0-1)@0", "1-2-3",
+        ] {
             assert!(parse_lcore_list(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -188,7 +204,13 @@ mod tests {
     #[test]
     fn maps() {
         let m = parse_lcore_map("(0-3)@0").unwrap();
-        assert_eq!(m, vec![LcoreMapping { lcores: set(&[0, 1, 2, 3]), cpus: set(&[0]) }]);
+        assert_eq!(
+            m,
+            vec![LcoreMapping {
+                lcores: set(&[0, 1, 2, 3]),
+                cpus: set(&[0])
+            }]
+        );
         let m = parse_lcore_map("0,(1-2)@(3-4),5@1").unwrap();
         assert_eq!(m.len(), 3);
         assert_eq!(m[1].cpus, set(&[3, 4]));

@@ -52,7 +52,11 @@ pub struct Dataplane {
 pub fn hugepages_free() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("HugePages_Free:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("HugePages_Free:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -61,8 +65,13 @@ pub fn eal_args(cfg: &Config, plan: &LcorePlan, cli: &EalArgs) -> Vec<String> {
     let mut a = Vec::new();
     match (&cli.lcores, &cli.lcore_list, &cfg.eal.lcore_map) {
         (Some(map), None, _) => a.extend(["--lcores".to_string(), map.clone()]),
-        (None, None, Some(map)) if cfg.eal.lcores.is_none() => a.extend(["--lcores".to_string(), map.clone()]),
-        _ => a.extend(["-l".to_string(), crate::lcores::format_lcore_list(&plan.eal)]),
+        (None, None, Some(map)) if cfg.eal.lcores.is_none() => {
+            a.extend(["--lcores".to_string(), map.clone()])
+        }
+        _ => a.extend([
+            "-l".to_string(),
+            crate::lcores::format_lcore_list(&plan.eal),
+        ]),
     }
     a.extend(["--main-lcore".to_string(), plan.main.to_string()]);
     for p in &cfg.ports {
@@ -86,13 +95,21 @@ impl Dataplane {
     /// Starts EAL, ports and net lcores from a validated config.
     pub fn start(cfg: &Config, cli: &EalArgs) -> Result<Dataplane, Error> {
         cfg.validate_static()?;
-        let plan = cfg.lcore_plan(cli.lcore_list.as_deref(), cli.lcores.as_deref(), cli.main_lcore)?;
+        let plan = cfg.lcore_plan(
+            cli.lcore_list.as_deref(),
+            cli.lcores.as_deref(),
+            cli.main_lcore,
+        )?;
         let args = eal_args(cfg, &plan, cli);
         log::info!("EAL arguments: {}", args.join(" "));
         let eal = Eal::init(&args)?;
         for l in &plan.net {
             if !eal.lcore_enabled(*l) {
-                return Err(ConfigError::Field { field: "net.lcores".into(), msg: format!("lcore {l} is not enabled in EAL") }.into());
+                return Err(ConfigError::Field {
+                    field: "net.lcores".into(),
+                    msg: format!("lcore {l} is not enabled in EAL"),
+                }
+                .into());
             }
         }
 
@@ -104,31 +121,74 @@ impl Dataplane {
                 return Err("no ports: give [[port]] entries in the config, or vdevs after `--` (e.g. -- --vdev net_null0 --vdev net_null1)".into());
             }
             for (i, p) in all.iter().enumerate() {
-                let role = if i == 0 { PortRole::Uplink } else { PortRole::Vm };
-                ports.push(PortInfo { id: p.id(), name: p.name(), device: p.name(), role, rx_queues: 0 });
+                let role = if i == 0 {
+                    PortRole::Uplink
+                } else {
+                    PortRole::Vm
+                };
+                ports.push(PortInfo {
+                    id: p.id(),
+                    name: p.name(),
+                    device: p.name(),
+                    role,
+                    rx_queues: 0,
+                });
             }
         } else {
             let avail: Vec<String> = EthPort::all().iter().map(|p| p.name()).collect();
             for (i, pc) in cfg.ports.iter().enumerate() {
                 let p = EthPort::by_name(&pc.device).map_err(|_| ConfigError::Field {
                     field: format!("port[{i}].device"),
-                    msg: format!("no ethdev named {:?} (available: {})", pc.device, if avail.is_empty() { "none".into() } else { avail.join(", ") }),
+                    msg: format!(
+                        "no ethdev named {:?} (available: {})",
+                        pc.device,
+                        if avail.is_empty() {
+                            "none".into()
+                        } else {
+                            avail.join(", ")
+                        }
+                    ),
                 })?;
-                ports.push(PortInfo { id: p.id(), name: pc.name.clone(), device: pc.device.clone(), role: pc.role, rx_queues: 0 });
+                ports.push(PortInfo {
+                    id: p.id(),
+                    name: pc.name.clone(),
+                    device: pc.device.clone(),
+                    role: pc.role,
+                    rx_queues: 0,
+                });
             }
         }
-        let uplink = ports.iter().find(|p| p.role == PortRole::Uplink).map(|p| p.id).ok_or("no uplink port")?;
+        let uplink = ports
+            .iter()
+            .find(|p| p.role == PortRole::Uplink)
+            .map(|p| p.id)
+            .ok_or("no uplink port")?;
         let max_id = ports.iter().map(|p| p.id as usize).max().unwrap_or(0);
         if max_id >= crate::net::stats::MAX_PORTS {
-            return Err(format!("port id {max_id} is beyond the {} ports hostplane supports", crate::net::stats::MAX_PORTS).into());
+            return Err(format!(
+                "port id {max_id} is beyond the {} ports hostplane supports",
+                crate::net::stats::MAX_PORTS
+            )
+            .into());
         }
-        let find_port = |name: &str| ports.iter().find(|p| (p.name == name || p.device == name) && p.role == PortRole::Vm).map(|p| p.id);
+        let find_port = |name: &str| {
+            ports
+                .iter()
+                .find(|p| (p.name == name || p.device == name) && p.role == PortRole::Vm)
+                .map(|p| p.id)
+        };
         let flood_port = match &cfg.net.flood_port {
             Some(n) => find_port(n),
             None => ports.iter().find(|p| p.role == PortRole::Vm).map(|p| p.id),
         };
         let entries = cfg.macnat_entries(find_port)?;
-        let policy = Policy { uplink, flood_port, unknown_ip: cfg.net.unknown_ip, spoofed: cfg.net.spoofed, control: cfg.net.control };
+        let policy = Policy {
+            uplink,
+            flood_port,
+            unknown_ip: cfg.net.unknown_ip,
+            spoofed: cfg.net.spoofed,
+            control: cfg.net.control,
+        };
 
         // Queues: one rx queue per net lcore (as many as the driver allows) and one tx queue per
         // net lcore on every port, so no two lcores ever share a queue.
@@ -136,7 +196,9 @@ impl Dataplane {
         let nb_mbufs = (ports.len() as u32) * u32::from(n) * 2 * 1024 + 8192;
         let pool = Mempool::pktmbuf("hp_mbufs", nb_mbufs, 256, 2048 + 128, -1)?;
         let mut rx_by_lcore: Vec<Vec<(RxQueue, PortRole)>> = (0..n).map(|_| Vec::new()).collect();
-        let mut tx_by_lcore: Vec<Vec<Option<TxQueue>>> = (0..n).map(|_| (0..=max_id).map(|_| None).collect()).collect();
+        let mut tx_by_lcore: Vec<Vec<Option<TxQueue>>> = (0..n)
+            .map(|_| (0..=max_id).map(|_| None).collect())
+            .collect();
         for p in ports.iter_mut() {
             let dev = EthPort::from_id(p.id)?;
             let (max_rx, max_tx) = dev.max_queues()?;
@@ -144,7 +206,13 @@ impl Dataplane {
                 return Err(format!("port {} ({}) supports {max_tx} tx queues; hostplane needs one per net lcore ({n}): use fewer net lcores", p.name, p.device).into());
             }
             let rxq = n.min(max_rx).max(1);
-            let pc = PortConfig { rx_queues: rxq, tx_queues: n, rx_desc: 1024, tx_desc: 1024, promiscuous: true };
+            let pc = PortConfig {
+                rx_queues: rxq,
+                tx_queues: n,
+                rx_desc: 1024,
+                tx_desc: 1024,
+                promiscuous: true,
+            };
             let (rx, tx) = dev.configure(&pc, pool)?;
             for (i, q) in rx.into_iter().enumerate() {
                 rx_by_lcore[i].push((q, p.role));
@@ -165,7 +233,11 @@ impl Dataplane {
                 p.role,
                 rxq,
                 crate::net::packet::MacAddr(mac),
-                if link.up { format!("up {} Mbps", link.speed_mbps) } else { "down".into() }
+                if link.up {
+                    format!("up {} Mbps", link.speed_mbps)
+                } else {
+                    "down".into()
+                }
             );
         }
 
@@ -175,14 +247,29 @@ impl Dataplane {
         let mut handles = Vec::new();
         for (i, (rx, tx)) in rx_by_lcore.into_iter().zip(tx_by_lcore).enumerate() {
             let counters = Arc::new(LcoreCounters::default());
-            let reader = table.reader(i).ok_or("table has fewer reader slots than net lcores")?;
-            let worker = NetLcore { rx, tx, policy, table: reader, counters: counters.clone() };
+            let reader = table
+                .reader(i)
+                .ok_or("table has fewer reader slots than net lcores")?;
+            let worker = NetLcore {
+                rx,
+                tx,
+                policy,
+                table: reader,
+                counters: counters.clone(),
+            };
             let stop = stop.clone();
             let lcore_id = plan.net[i];
             handles.push(lcore::launch(lcore_id, move || worker.run(&stop))?);
             lcores.push((lcore_id, counters));
         }
-        Ok(Dataplane { ports, table, lcores, stop, handles, eal })
+        Ok(Dataplane {
+            ports,
+            table,
+            lcores,
+            stop,
+            handles,
+            eal,
+        })
     }
 
     /// Sum of every lcore's counters.
@@ -220,7 +307,19 @@ impl Dataplane {
     pub fn report(&self, elapsed: f64, dt: f64, prev: &mut Vec<CountersSnapshot>) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "--- t={elapsed:.1}s");
-        let _ = writeln!(s, "  {:<8} {:>12} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>6}", "lcore", "rx", "tx", "rx-Mpps", "egress-nat", "ingress-nat", "untouched", "dropped", "busy%");
+        let _ = writeln!(
+            s,
+            "  {:<8} {:>12} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>6}",
+            "lcore",
+            "rx",
+            "tx",
+            "rx-Mpps",
+            "egress-nat",
+            "ingress-nat",
+            "untouched",
+            "dropped",
+            "busy%"
+        );
         prev.resize(self.lcores.len(), CountersSnapshot::default());
         let mut totals = CountersSnapshot::default();
         for ((id, c), p) in self.lcores.iter().zip(prev.iter_mut()) {
@@ -233,7 +332,11 @@ impl Dataplane {
                 id,
                 now.rx,
                 now.tx,
-                if dt > 0.0 { now.rx.saturating_sub(p.rx) as f64 / dt / 1e6 } else { 0.0 },
+                if dt > 0.0 {
+                    now.rx.saturating_sub(p.rx) as f64 / dt / 1e6
+                } else {
+                    0.0
+                },
                 now.egress_translated,
                 now.ingress_translated,
                 now.untouched,
@@ -244,8 +347,15 @@ impl Dataplane {
             *p = now;
         }
         for port in &self.ports {
-            let (rx, tx) = totals.ports.get(port.id as usize).copied().unwrap_or((0, 0));
-            let hw = EthPort::from_id(port.id).ok().and_then(|d| d.stats().ok()).unwrap_or_default();
+            let (rx, tx) = totals
+                .ports
+                .get(port.id as usize)
+                .copied()
+                .unwrap_or((0, 0));
+            let hw = EthPort::from_id(port.id)
+                .ok()
+                .and_then(|d| d.stats().ok())
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
                 "  port {} {:<10} {:<6} rx {:>12} tx {:>12}  (driver: ipackets {} opackets {} imissed {} ierrors {} oerrors {} rx_nombuf {})",
@@ -266,7 +376,11 @@ impl Dataplane {
             );
         }
         if totals.dropped() > 0 {
-            let mut d: Vec<String> = totals.drops.iter().map(|(n, c)| format!("{n}={c}")).collect();
+            let mut d: Vec<String> = totals
+                .drops
+                .iter()
+                .map(|(n, c)| format!("{n}={c}"))
+                .collect();
             if totals.tx_full > 0 {
                 d.push(format!("tx_full={}", totals.tx_full));
             }
@@ -281,7 +395,14 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     let (cfg, _tmp) = match &args.config {
         Some(path) => (Config::load(path)?, None),
         // Ports given as vdevs on the command line: use them (first = uplink), no table.
-        None if args.eal.eal.iter().any(|a| a == "--vdev" || a.starts_with("--vdev=")) => (Config::default(), None),
+        None if args
+            .eal
+            .eal
+            .iter()
+            .any(|a| a == "--vdev" || a.starts_with("--vdev=")) =>
+        {
+            (Config::default(), None)
+        }
         None => {
             let (cfg, dir) = crate::runtime::embedded_default()?;
             log::info!("no --config: running the embedded default (net_pcap ports replaying generated traffic from {})", dir.display());
@@ -291,7 +412,11 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     crate::signals::install();
     let dp = Dataplane::start(&cfg, &args.eal)?;
     let started = Instant::now();
-    let interval = if args.stats_interval > 0.0 { Some(Duration::from_secs_f64(args.stats_interval)) } else { None };
+    let interval = if args.stats_interval > 0.0 {
+        Some(Duration::from_secs_f64(args.stats_interval))
+    } else {
+        None
+    };
     let mut next = interval.map(|i| started + i);
     let mut prev = Vec::new();
     let mut last = Instant::now();
@@ -302,13 +427,19 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
             log::info!("signal received: stopping");
             break;
         }
-        if args.duration.is_some_and(|d| now.duration_since(started).as_secs_f64() >= d) {
+        if args
+            .duration
+            .is_some_and(|d| now.duration_since(started).as_secs_f64() >= d)
+        {
             break;
         }
         if let (Some(n), Some(i)) = (next, interval) {
             if now >= n {
                 let dt = now.duration_since(last).as_secs_f64();
-                print!("{}", dp.report(now.duration_since(started).as_secs_f64(), dt, &mut prev));
+                print!(
+                    "{}",
+                    dp.report(now.duration_since(started).as_secs_f64(), dt, &mut prev)
+                );
                 last = now;
                 next = Some(n + i);
             }
@@ -322,7 +453,12 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     print!("{summary}");
     println!(
         "total: rx {} tx {} egress-nat {} ingress-nat {} untouched {} dropped {}",
-        totals.rx, totals.tx, totals.egress_translated, totals.ingress_translated, totals.untouched, totals.dropped()
+        totals.rx,
+        totals.tx,
+        totals.egress_translated,
+        totals.ingress_translated,
+        totals.untouched,
+        totals.dropped()
     );
     Ok(())
 }
@@ -343,7 +479,10 @@ pub fn embedded_default() -> Result<(Config, PathBuf), Error> {
     use crate::net::packet::MacAddr;
     let dir = std::env::temp_dir().join(format!("hostplane-default-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let vm_local = [MacAddr([0x52, 0x54, 0, 0, 0, 2]), MacAddr([0x52, 0x54, 0, 0, 0, 3])];
+    let vm_local = [
+        MacAddr([0x52, 0x54, 0, 0, 0, 2]),
+        MacAddr([0x52, 0x54, 0, 0, 0, 3]),
+    ];
     let global = MacAddr([0x02, 0, 0, 0, 0, 1]);
     let router = MacAddr([0x02, 0, 0, 0, 0, 0xfe]);
     let vm_ip = [[10, 0, 0, 2], [10, 0, 0, 3]];
@@ -352,9 +491,19 @@ pub fn embedded_default() -> Result<(Config, PathBuf), Error> {
     let mut up_frames = Vec::new();
     for i in 0..2 {
         vm_frames.push(frames::ipv4_udp(router, vm_local[i], vm_ip[i], remote, 60));
-        vm_frames.push(frames::arp(MacAddr([0xff; 6]), vm_local[i], 1, vm_local[i], vm_ip[i], MacAddr([0; 6]), remote));
+        vm_frames.push(frames::arp(
+            MacAddr([0xff; 6]),
+            vm_local[i],
+            1,
+            vm_local[i],
+            vm_ip[i],
+            MacAddr([0; 6]),
+            remote,
+        ));
         up_frames.push(frames::ipv4_udp(global, router, remote, vm_ip[i], 60));
-        up_frames.push(frames::arp(global, router, 2, router, remote, global, vm_ip[i]));
+        up_frames.push(frames::arp(
+            global, router, 2, router, remote, global, vm_ip[i],
+        ));
     }
     let vm_pcap = dir.join("vm0-rx.pcap");
     let up_pcap = dir.join("uplink-rx.pcap");

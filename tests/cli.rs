@@ -15,16 +15,25 @@ fn eal(name: &str) -> Vec<String> {
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 /// The value in the `total:` line after `key`.
 fn total(stdout: &str, key: &str) -> u64 {
-    let line = stdout.lines().find(|l| l.starts_with("total:")).unwrap_or_else(|| panic!("no total line in:\n{stdout}"));
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("total:"))
+        .unwrap_or_else(|| panic!("no total line in:\n{stdout}"));
     let mut it = line.split_whitespace();
     while let Some(w) = it.next() {
         if w == key {
-            return it.next().and_then(|v| v.parse().ok()).expect("number after key");
+            return it
+                .next()
+                .and_then(|v| v.parse().ok())
+                .expect("number after key");
         }
     }
     panic!("no {key} in {line}");
@@ -32,13 +41,27 @@ fn total(stdout: &str, key: &str) -> u64 {
 
 #[test]
 fn embedded_default_runs_and_translates() {
-    let o = hostplane().args(["run", "--duration", "3", "--"]).args(eal("default")).output().expect("run");
+    let o = hostplane()
+        .args(["run", "--duration", "3", "--"])
+        .args(eal("default"))
+        .output()
+        .expect("run");
     let (out, err) = text(&o);
     assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
     assert!(total(&out, "rx") > 0 && total(&out, "tx") > 0, "{out}");
-    assert!(total(&out, "egress-nat") > 0 && total(&out, "ingress-nat") > 0, "{out}");
-    assert_eq!(total(&out, "dropped"), 0, "the default traffic is all translatable:\n{out}");
-    assert!(out.matches("--- t=").count() >= 3, "interval stats missing:\n{out}");
+    assert!(
+        total(&out, "egress-nat") > 0 && total(&out, "ingress-nat") > 0,
+        "{out}"
+    );
+    assert_eq!(
+        total(&out, "dropped"),
+        0,
+        "the default traffic is all translatable:\n{out}"
+    );
+    assert!(
+        out.matches("--- t=").count() >= 3,
+        "interval stats missing:\n{out}"
+    );
 }
 
 #[test]
@@ -52,21 +75,41 @@ fn net_null_prints_per_lcore_counters() {
     let (out, err) = text(&o);
     assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
     // One row for worker lcore 1 with a non-zero rx count.
-    let row = out.lines().rev().find(|l| l.trim_start().starts_with("1 ")).unwrap_or_else(|| panic!("no lcore 1 row:\n{out}"));
-    let rx: u64 = row.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("rx column");
+    let row = out
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("1 "))
+        .unwrap_or_else(|| panic!("no lcore 1 row:\n{out}"));
+    let rx: u64 = row
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("rx column");
     assert!(rx > 0, "{row}");
     // net_null frames carry no real headers: they are counted as drops, by reason.
     assert!(out.contains("drops:"), "{out}");
-    assert!(err.contains("port 0 net_null0") && err.contains("Uplink") && err.contains("Vm"), "{err}");
+    assert!(
+        err.contains("port 0 net_null0") && err.contains("Uplink") && err.contains("Vm"),
+        "{err}"
+    );
 }
 
 fn config_error(name: &str, toml: &str, expect: &[&str]) {
     let dir = common::temp_dir(&format!("cfg-{name}"));
     let path = dir.join("bad.toml");
     std::fs::write(&path, toml).expect("write");
-    let o = hostplane().args(["run", "--duration", "1", "--config"]).arg(&path).arg("--").args(eal(name)).output().expect("run");
+    let o = hostplane()
+        .args(["run", "--duration", "1", "--config"])
+        .arg(&path)
+        .arg("--")
+        .args(eal(name))
+        .output()
+        .expect("run");
     let (out, err) = text(&o);
-    assert!(!o.status.success(), "{name}: a bad config must fail\n{out}\n{err}");
+    assert!(
+        !o.status.success(),
+        "{name}: a bad config must fail\n{out}\n{err}"
+    );
     for e in expect {
         assert!(err.contains(e), "{name}: error does not name {e:?}:\n{err}");
     }
@@ -75,9 +118,17 @@ fn config_error(name: &str, toml: &str, expect: &[&str]) {
 
 #[test]
 fn bad_configs_name_the_field() {
-    config_error("lcores", "[eal]\nlcores = \"0-x\"\n", &["eal.lcores", "0-x"]);
+    config_error(
+        "lcores",
+        "[eal]\nlcores = \"0-x\"\n",
+        &["eal.lcores", "0-x"],
+    );
     config_error("unknown", "[net]\nbogus_key = 1\n", &["bogus_key"]);
-    config_error("netlcore", "[eal]\nlcores = \"0-1\"\n[net]\nlcores = \"3\"\n", &["net.lcores", "not in the EAL lcore set"]);
+    config_error(
+        "netlcore",
+        "[eal]\nlcores = \"0-1\"\n[net]\nlcores = \"3\"\n",
+        &["net.lcores", "not in the EAL lcore set"],
+    );
     config_error(
         "nodev",
         "[[port]]\nname = \"up\"\ndevice = \"net_null7\"\nrole = \"uplink\"\n",
@@ -88,10 +139,20 @@ fn bad_configs_name_the_field() {
         "[[port]]\nname = \"up\"\ndevice = \"net_null0\"\nargs = \"\"\nrole = \"uplink\"\n[[port]]\nname = \"vm\"\ndevice = \"net_null1\"\nrole = \"vm\"\n[[macnat]]\nip = \"10.0.0.2\"\nlocal_mac = \"52:54:00:00:00:zz\"\nglobal_mac = \"02:00:00:00:00:01\"\nport = \"vm\"\n",
         &["macnat[0].local_mac"],
     );
-    let o = hostplane().args(["run", "--config", "/nonexistent/hp.toml"]).output().expect("run");
+    let o = hostplane()
+        .args(["run", "--config", "/nonexistent/hp.toml"])
+        .output()
+        .expect("run");
     assert!(!o.status.success() && text(&o).1.contains("/nonexistent/hp.toml"));
-    let o = hostplane().args(["run", "-l", "0-z"]).output().expect("run");
-    assert!(!o.status.success() && text(&o).1.contains("-l"), "{}", text(&o).1);
+    let o = hostplane()
+        .args(["run", "-l", "0-z"])
+        .output()
+        .expect("run");
+    assert!(
+        !o.status.success() && text(&o).1.contains("-l"),
+        "{}",
+        text(&o).1
+    );
 }
 
 #[test]
@@ -113,7 +174,10 @@ fn sigint_stops_cleanly_with_a_summary() {
     assert!(started.elapsed() < Duration::from_secs(10), "slow shutdown");
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
-    assert!(out.contains("=== summary") && total(&out, "rx") > 0, "{out}");
+    assert!(
+        out.contains("=== summary") && total(&out, "rx") > 0,
+        "{out}"
+    );
     assert!(err.contains("signal received"), "{err}");
 }
 
@@ -122,7 +186,10 @@ fn version_names_dpdk() {
     let o = hostplane().arg("version").output().expect("run");
     let (out, _) = text(&o);
     assert!(o.status.success());
-    assert!(out.contains("hostplane ") && out.contains("DPDK 22.11"), "{out}");
+    assert!(
+        out.contains("hostplane ") && out.contains("DPDK 22.11"),
+        "{out}"
+    );
     let o = hostplane().arg("--help").output().expect("run");
     let (out, _) = text(&o);
     assert!(out.contains("run") && out.contains("bench"), "{out}");

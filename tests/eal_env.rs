@@ -6,7 +6,9 @@
 
 mod common;
 
-use hostplane::env::{self, lcore, ring, Eal, EnvError, EthPort, Mbuf, MbufBurst, Mempool, PortConfig, BURST_SIZE};
+use hostplane::env::{
+    self, lcore, ring, Eal, EnvError, EthPort, Mbuf, MbufBurst, Mempool, PortConfig, BURST_SIZE,
+};
 use std::time::{Duration, Instant};
 
 fn init() -> Eal {
@@ -19,11 +21,21 @@ fn init() -> Eal {
 #[test]
 fn environment_layer_on_real_eal() {
     let eal = init();
-    assert!(matches!(Eal::init(&["-l", "0"]), Err(EnvError::EalAlreadyInitialised)), "second EAL init must be refused");
+    assert!(
+        matches!(
+            Eal::init(&["-l", "0"]),
+            Err(EnvError::EalAlreadyInitialised)
+        ),
+        "second EAL init must be refused"
+    );
     assert_eq!(eal.lcore_count(), 2);
     assert_eq!(eal.main_lcore(), 0);
     assert_eq!(eal.worker_lcores(), vec![1]);
-    assert!(env::dpdk_version().starts_with("DPDK 22.11"), "{}", env::dpdk_version());
+    assert!(
+        env::dpdk_version().starts_with("DPDK 22.11"),
+        "{}",
+        env::dpdk_version()
+    );
     assert!(env::tsc_hz() > 0);
 
     ring_messages_between_lcores();
@@ -64,7 +76,10 @@ fn ring_messages_between_lcores() {
     let mut next_recv = 0u64;
     let deadline = Instant::now() + Duration::from_secs(60);
     while next_recv < N {
-        assert!(Instant::now() < deadline, "ring test stalled at {next_recv}");
+        assert!(
+            Instant::now() < deadline,
+            "ring test stalled at {next_recv}"
+        );
         if next_send < N && to_worker.send(next_send).is_ok() {
             next_send += 1;
         }
@@ -81,23 +96,38 @@ fn ring_messages_between_lcores() {
         p.send(vec![i; 100]).expect("room");
     }
     assert_eq!(c.len(), 10);
-    assert!(p.try_clone().is_some() && c.try_clone().is_some(), "mp/mc handles clone");
+    assert!(
+        p.try_clone().is_some() && c.try_clone().is_some(),
+        "mp/mc handles clone"
+    );
     drop((p, c));
     let (p, _c) = ring::spsc::<u8>("test_sp", 4).expect("ring");
-    assert!(p.try_clone().is_none(), "a single-producer handle must not clone");
+    assert!(
+        p.try_clone().is_none(),
+        "a single-producer handle must not clone"
+    );
     // Capacity is exact, and a full ring gives the message back.
     for i in 0..4 {
         p.send(i).expect("room");
     }
     assert_eq!(p.send(9), Err(9));
     // Duplicate names are DPDK errors, reported, not panics.
-    assert!(matches!(ring::spsc::<u8>("test_sp", 4), Err(EnvError::Create { .. })));
+    assert!(matches!(
+        ring::spsc::<u8>("test_sp", 4),
+        Err(EnvError::Create { .. })
+    ));
 }
 
 fn launch_errors() {
     // The main lcore is not a worker; lcore 5 is not in this EAL.
-    assert!(matches!(lcore::launch(0, || 0), Err(EnvError::Launch { .. })));
-    assert!(matches!(lcore::launch(5, || 0), Err(EnvError::Launch { .. })));
+    assert!(matches!(
+        lcore::launch(0, || 0),
+        Err(EnvError::Launch { .. })
+    ));
+    assert!(matches!(
+        lcore::launch(5, || 0),
+        Err(EnvError::Launch { .. })
+    ));
     // A panicking closure is reported by join, not unwound into C.
     let h = lcore::launch(1, || panic!("boom")).expect("launch");
     assert!(h.join().is_err());
@@ -124,7 +154,10 @@ fn mempool_exhaustion() {
     assert_eq!(m.data_len(), 0);
     m.append(60).expect("tailroom").copy_from_slice(&[0xab; 60]);
     assert_eq!(m.data(), &[0xab; 60][..]);
-    assert!(m.append(100_000).is_none(), "append beyond tailroom must fail, not overflow");
+    assert!(
+        m.append(100_000).is_none(),
+        "append beyond tailroom must fail, not overflow"
+    );
     assert!(m.trim(10));
     assert_eq!(m.pkt_len(), 50);
     // Dropping returns every mbuf.
@@ -141,7 +174,10 @@ fn mempool_exhaustion() {
     drop(b);
     assert_eq!(pool.avail(), 63);
     // Bad names are reported.
-    assert!(matches!(Mempool::pktmbuf("test_small", 63, 0, 2176, -1), Err(EnvError::Create { .. })));
+    assert!(matches!(
+        Mempool::pktmbuf("test_small", 63, 0, 2176, -1),
+        Err(EnvError::Create { .. })
+    ));
 }
 
 fn null_port_rx_tx() {
@@ -150,7 +186,16 @@ fn null_port_rx_tx() {
     assert!(EthPort::by_name("net_nope").is_err());
     assert_eq!(port.driver(), "net_null");
     let (mut rxq, mut txq) = {
-        let (mut rx, mut tx) = port.configure(&PortConfig { rx_queues: 1, tx_queues: 1, ..Default::default() }, pool).expect("configure");
+        let (mut rx, mut tx) = port
+            .configure(
+                &PortConfig {
+                    rx_queues: 1,
+                    tx_queues: 1,
+                    ..Default::default()
+                },
+                pool,
+            )
+            .expect("configure");
         (rx.remove(0), tx.remove(0))
     };
     port.start().expect("start");
@@ -160,7 +205,10 @@ fn null_port_rx_tx() {
     let mut sent = 0;
     for _ in 0..100 {
         received += rxq.rx_burst(&mut burst);
-        assert!(burst.as_slice().iter().all(|m| m.data_len() == 64 && m.segments() == 1));
+        assert!(burst
+            .as_slice()
+            .iter()
+            .all(|m| m.data_len() == 64 && m.segments() == 1));
         sent += txq.tx_burst(&mut burst);
         assert!(burst.is_empty(), "net_null accepts everything");
     }
@@ -171,13 +219,26 @@ fn null_port_rx_tx() {
     assert_eq!(st.opackets, sent as u64);
     port.stop().expect("stop");
     // Every mbuf went back to the pool (the driver freed what it transmitted).
-    assert!(pool.avail() >= 4095 - 64, "mbufs leaked: {} free", pool.avail());
+    assert!(
+        pool.avail() >= 4095 - 64,
+        "mbufs leaked: {} free",
+        pool.avail()
+    );
 }
 
 fn ring_port_returns_unsent_mbufs() {
     let pool = Mempool::pktmbuf("test_ringport", 4095, 0, 2048 + 128, -1).expect("pool");
     let port = EthPort::by_name("net_ring0").expect("net_ring0");
-    let (mut rx, mut tx) = port.configure(&PortConfig { rx_queues: 1, tx_queues: 1, ..Default::default() }, pool).expect("configure");
+    let (mut rx, mut tx) = port
+        .configure(
+            &PortConfig {
+                rx_queues: 1,
+                tx_queues: 1,
+                ..Default::default()
+            },
+            pool,
+        )
+        .expect("configure");
     let (mut rxq, mut txq) = (rx.remove(0), tx.remove(0));
     port.start().expect("start");
     let before = pool.avail();
@@ -194,7 +255,11 @@ fn ring_port_returns_unsent_mbufs() {
         let n = txq.tx_burst(&mut b);
         accepted += n;
         if n < BURST_SIZE {
-            assert_eq!(b.len(), BURST_SIZE - n, "unsent mbufs must stay in the burst");
+            assert_eq!(
+                b.len(),
+                BURST_SIZE - n,
+                "unsent mbufs must stay in the burst"
+            );
             refused_burst = Some(b);
             break;
         }
@@ -203,7 +268,11 @@ fn ring_port_returns_unsent_mbufs() {
     // The caller owns the refused mbufs: their data is intact, and dropping frees them once.
     assert!(refused.as_slice().iter().all(|m| m.data_len() == 64));
     let refused_n = refused.drop_all();
-    assert_eq!(pool.avail() as usize, before as usize - accepted, "refused {refused_n} mbufs not freed exactly once");
+    assert_eq!(
+        pool.avail() as usize,
+        before as usize - accepted,
+        "refused {refused_n} mbufs not freed exactly once"
+    );
     // What the driver accepted comes back on rx (loopback ring) with its content.
     let mut got = 0;
     let mut b = MbufBurst::new();

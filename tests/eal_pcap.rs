@@ -24,16 +24,33 @@ fn pcap_pair_is_bit_identical() {
         f[last] = i as u8;
         sent.push(f);
     }
-    sent.push(frames::arp(MacAddr::BROADCAST, b, 1, b, [10, 0, 0, 2], MacAddr::ZERO, [10, 0, 0, 1]));
+    sent.push(frames::arp(
+        MacAddr::BROADCAST,
+        b,
+        1,
+        b,
+        [10, 0, 0, 2],
+        MacAddr::ZERO,
+        [10, 0, 0, 1],
+    ));
     pcap::write_frames(&input, &sent).expect("write input");
 
     let mut args = vec!["-l".to_string(), "0".to_string()];
     args.extend(common::eal_test_args("pcap"));
-    args.extend(["--vdev".to_string(), format!("net_pcap0,rx_pcap={},tx_pcap={}", input.display(), output.display())]);
+    args.extend([
+        "--vdev".to_string(),
+        format!(
+            "net_pcap0,rx_pcap={},tx_pcap={}",
+            input.display(),
+            output.display()
+        ),
+    ]);
     let _eal = Eal::init(&args).expect("EAL init");
     let pool = Mempool::pktmbuf("pcap_pool", 4095, 64, 2048 + 128, -1).expect("pool");
     let port = EthPort::by_name("net_pcap0").expect("port");
-    let (mut rx, mut tx) = port.configure(&PortConfig::default(), pool).expect("configure");
+    let (mut rx, mut tx) = port
+        .configure(&PortConfig::default(), pool)
+        .expect("configure");
     let (mut rxq, mut txq) = (rx.remove(0), tx.remove(0));
     port.start().expect("start");
     let mut burst = MbufBurst::new();
@@ -48,7 +65,10 @@ fn pcap_pair_is_bit_identical() {
     assert_eq!(forwarded, sent.len());
     assert_eq!(rxq.rx_burst(&mut burst), 0, "the capture replays once");
     let st = port.stats().expect("stats");
-    assert_eq!((st.ipackets, st.opackets), (sent.len() as u64, sent.len() as u64));
+    assert_eq!(
+        (st.ipackets, st.opackets),
+        (sent.len() as u64, sent.len() as u64)
+    );
     port.stop().expect("stop flushes the tx capture");
     let got = pcap::read_frames(&output).expect("read output");
     assert_eq!(got.len(), sent.len());

@@ -35,3 +35,11 @@ unsigned hp_ring_enqueue_burst(struct rte_ring *r, void *const *objs, unsigned n
 unsigned hp_ring_dequeue_burst(struct rte_ring *r, void **objs, unsigned n)
 { return rte_ring_dequeue_burst(r, objs, n, NULL); }
 unsigned hp_ring_count(const struct rte_ring *r) { return rte_ring_count(r); }
+void hp_mbuf_layout(size_t out[5])
+{
+	out[0] = offsetof(struct rte_mbuf, buf_addr);
+	out[1] = offsetof(struct rte_mbuf, data_off);
+	out[2] = offsetof(struct rte_mbuf, nb_segs);
+	out[3] = offsetof(struct rte_mbuf, pkt_len);
+	out[4] = offsetof(struct rte_mbuf, data_len);
+}

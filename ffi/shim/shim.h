@@ -2,6 +2,7 @@
  * Each hp_* function does exactly what the DPDK function of the same name does. */
 #ifndef HOSTPLANE_SHIM_H
 #define HOSTPLANE_SHIM_H
+#include <stddef.h>
 #include <stdint.h>
 #include <rte_mbuf.h>
 #include <rte_ring.h>
@@ -30,4 +31,7 @@ int hp_ring_dequeue(struct rte_ring *r, void **obj);
 unsigned hp_ring_enqueue_burst(struct rte_ring *r, void *const *objs, unsigned n);
 unsigned hp_ring_dequeue_burst(struct rte_ring *r, void **objs, unsigned n);
 unsigned hp_ring_count(const struct rte_ring *r);
+/* offsetof(struct rte_mbuf, f) for buf_addr, data_off, nb_segs, pkt_len, data_len, in that order,
+ * so the Rust side can check the bindgen layout it reads on the fast path. */
+void hp_mbuf_layout(size_t out[5]);
 #endif

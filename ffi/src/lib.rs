@@ -2,7 +2,12 @@
 //! out-of-line wrappers (shim/shim.c) for DPDK's static-inline fast-path functions.
 //!
 //! Only hostplane's `env` module uses this crate; everything here is `unsafe` to call.
-#![allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code)]
+#![allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code
+)]
 #![allow(clippy::all)]
 #![allow(clippy::undocumented_unsafe_blocks)]
 

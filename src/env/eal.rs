@@ -21,9 +21,15 @@ impl Eal {
         if INITIALISED.swap(true, Ordering::SeqCst) {
             return Err(EnvError::EalAlreadyInitialised);
         }
-        let mut owned = vec![CString::new("hostplane").map_err(|_| EnvError::BadArgument("hostplane".into()))?];
+        if !super::mbuf::layout_matches_c() {
+            return Err(EnvError::EalInit("rte_mbuf layout differs between bindgen and the C compiler: rebuild dpdk-sys against the installed DPDK".into()));
+        }
+        let mut owned =
+            vec![CString::new("hostplane").map_err(|_| EnvError::BadArgument("hostplane".into()))?];
         for a in args {
-            owned.push(CString::new(a.as_ref()).map_err(|_| EnvError::BadArgument(a.as_ref().into()))?);
+            owned.push(
+                CString::new(a.as_ref()).map_err(|_| EnvError::BadArgument(a.as_ref().into()))?,
+            );
         }
         // rte_eal_init may permute argv; give it a private array of pointers into `owned`,
         // which stays alive (and unmodified in content) until after the call.
@@ -40,7 +46,9 @@ impl Eal {
         }
         // EAL keeps pointers into argv for some options (e.g. --file-prefix); keep them alive.
         std::mem::forget(owned);
-        Ok(Eal { _not_send: std::marker::PhantomData })
+        Ok(Eal {
+            _not_send: std::marker::PhantomData,
+        })
     }
 
     /// Number of lcores EAL was given (main included).

@@ -42,7 +42,13 @@ pub struct PortConfig {
 
 impl Default for PortConfig {
     fn default() -> Self {
-        PortConfig { rx_queues: 1, tx_queues: 1, rx_desc: 1024, tx_desc: 1024, promiscuous: true }
+        PortConfig {
+            rx_queues: 1,
+            tx_queues: 1,
+            rx_desc: 1024,
+            tx_desc: 1024,
+            promiscuous: true,
+        }
     }
 }
 
@@ -83,7 +89,11 @@ pub struct EthPort {
 }
 
 fn port_err(port: u16, op: &'static str, rc: i32) -> EnvError {
-    EnvError::Port { port, op, reason: strerror(rc) }
+    EnvError::Port {
+        port,
+        op,
+        reason: strerror(rc),
+    }
 }
 
 impl EthPort {
@@ -140,7 +150,9 @@ impl EthPort {
             return format!("port{}", self.id);
         }
         // SAFETY: on success buf holds a NUL-terminated name.
-        unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     fn info(&self) -> Result<dpdk_sys::rte_eth_dev_info, EnvError> {
@@ -157,7 +169,9 @@ impl EthPort {
     pub fn driver(&self) -> String {
         match self.info() {
             // SAFETY: driver_name is a static string owned by the PMD, or NULL.
-            Ok(i) if !i.driver_name.is_null() => unsafe { CStr::from_ptr(i.driver_name) }.to_string_lossy().into_owned(),
+            Ok(i) if !i.driver_name.is_null() => unsafe { CStr::from_ptr(i.driver_name) }
+                .to_string_lossy()
+                .into_owned(),
             _ => String::from("unknown"),
         }
     }
@@ -176,9 +190,17 @@ impl EthPort {
 
     /// Configures queues (with RSS over IP/TCP/UDP when more than one rx queue and the driver
     /// supports it) and returns one handle per rx and tx queue. Call before [`EthPort::start`].
-    pub fn configure(&self, cfg: &PortConfig, pool: Mempool) -> Result<(Vec<RxQueue>, Vec<TxQueue>), EnvError> {
+    pub fn configure(
+        &self,
+        cfg: &PortConfig,
+        pool: Mempool,
+    ) -> Result<(Vec<RxQueue>, Vec<TxQueue>), EnvError> {
         let info = self.info()?;
-        if cfg.rx_queues == 0 || cfg.rx_queues > info.max_rx_queues || cfg.tx_queues == 0 || cfg.tx_queues > info.max_tx_queues {
+        if cfg.rx_queues == 0
+            || cfg.rx_queues > info.max_rx_queues
+            || cfg.tx_queues == 0
+            || cfg.tx_queues > info.max_tx_queues
+        {
             return Err(EnvError::Port {
                 port: self.id,
                 op: "configure",
@@ -199,7 +221,9 @@ impl EthPort {
             conf.rx_adv_conf.rss_conf.rss_hf = rss_hf;
         }
         // SAFETY: conf is fully initialised (zeroed defaults); the port exists and is stopped.
-        let rc = unsafe { dpdk_sys::rte_eth_dev_configure(self.id, cfg.rx_queues, cfg.tx_queues, &conf) };
+        let rc = unsafe {
+            dpdk_sys::rte_eth_dev_configure(self.id, cfg.rx_queues, cfg.tx_queues, &conf)
+        };
         if rc != 0 {
             return Err(port_err(self.id, "configure", rc));
         }
@@ -210,20 +234,39 @@ impl EthPort {
         let mut rxq = Vec::new();
         for q in 0..cfg.rx_queues {
             // SAFETY: NULL rx_conf selects the driver default; the pool lives for the process.
-            let rc = unsafe { dpdk_sys::rte_eth_rx_queue_setup(self.id, q, cfg.rx_desc, socket, std::ptr::null(), pool.as_ptr()) };
+            let rc = unsafe {
+                dpdk_sys::rte_eth_rx_queue_setup(
+                    self.id,
+                    q,
+                    cfg.rx_desc,
+                    socket,
+                    std::ptr::null(),
+                    pool.as_ptr(),
+                )
+            };
             if rc != 0 {
                 return Err(port_err(self.id, "rx_queue_setup", rc));
             }
-            rxq.push(RxQueue { port: self.id, queue: q, _not_sync: std::marker::PhantomData });
+            rxq.push(RxQueue {
+                port: self.id,
+                queue: q,
+                _not_sync: std::marker::PhantomData,
+            });
         }
         let mut txq = Vec::new();
         for q in 0..cfg.tx_queues {
             // SAFETY: NULL tx_conf selects the driver default.
-            let rc = unsafe { dpdk_sys::rte_eth_tx_queue_setup(self.id, q, cfg.tx_desc, socket, std::ptr::null()) };
+            let rc = unsafe {
+                dpdk_sys::rte_eth_tx_queue_setup(self.id, q, cfg.tx_desc, socket, std::ptr::null())
+            };
             if rc != 0 {
                 return Err(port_err(self.id, "tx_queue_setup", rc));
             }
-            txq.push(TxQueue { port: self.id, queue: q, _not_sync: std::marker::PhantomData });
+            txq.push(TxQueue {
+                port: self.id,
+                queue: q,
+                _not_sync: std::marker::PhantomData,
+            });
         }
         if cfg.promiscuous {
             // SAFETY: port configured. Failure is not fatal (some vdevs have no such mode).
@@ -266,9 +309,15 @@ impl EthPort {
         // SAFETY: l is a valid out-struct.
         let rc = unsafe { dpdk_sys::rte_eth_link_get_nowait(self.id, &mut l) };
         if rc != 0 {
-            return LinkStatus { up: false, speed_mbps: 0 };
+            return LinkStatus {
+                up: false,
+                speed_mbps: 0,
+            };
         }
-        LinkStatus { up: l.link_status() != 0, speed_mbps: l.link_speed }
+        LinkStatus {
+            up: l.link_status() != 0,
+            speed_mbps: l.link_speed,
+        }
     }
 
     /// Driver counters.
@@ -325,7 +374,8 @@ impl RxQueue {
         }
         // SAFETY: `p` points at `room` writable slots of the burst; this handle is the only poller
         // of (port, queue). The driver writes owned mbuf pointers into the first n slots.
-        let n = unsafe { dpdk_sys::hp_eth_rx_burst(self.port, self.queue, p, room as u16) } as usize;
+        let n =
+            unsafe { dpdk_sys::hp_eth_rx_burst(self.port, self.queue, p, room as u16) } as usize;
         // SAFETY: the driver filled exactly n slots with owned, valid mbufs.
         unsafe { burst.commit_filled(n) };
         n
@@ -351,7 +401,8 @@ impl TxQueue {
             return 0;
         }
         // SAFETY: `p` points at n owned mbufs; this handle is the only user of (port, queue).
-        let sent = unsafe { dpdk_sys::hp_eth_tx_burst(self.port, self.queue, p, n as u16) } as usize;
+        let sent =
+            unsafe { dpdk_sys::hp_eth_tx_burst(self.port, self.queue, p, n as u16) } as usize;
         // SAFETY: the driver now owns the first `sent` mbufs and will free them after transmit.
         unsafe { burst.forget_front(sent) };
         sent

@@ -23,7 +23,9 @@ unsafe extern "C" fn trampoline(arg: *mut c_void) -> i32 {
     // SAFETY: `arg` is the Box<Launch> leaked by `launch`, passed to exactly one lcore, so we are
     // its sole owner now.
     let mut launch = unsafe { Box::from_raw(arg.cast::<Launch>()) };
-    let Some(job) = launch.job.take() else { return -1 };
+    let Some(job) = launch.job.take() else {
+        return -1;
+    };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
         Ok(rc) => rc,
         Err(_) => {
@@ -49,17 +51,28 @@ where
     F: FnOnce() -> i32 + Send + 'static,
 {
     let panicked = Arc::new(Mutex::new(false));
-    let arg = Box::into_raw(Box::new(Launch { job: Some(Box::new(f)), panicked: panicked.clone() }));
+    let arg = Box::into_raw(Box::new(Launch {
+        job: Some(Box::new(f)),
+        panicked: panicked.clone(),
+    }));
     // SAFETY: trampoline matches lcore_function_t; `arg` is a valid leaked Box that the
     // trampoline reclaims. On failure the lcore never runs it, so we reclaim it below.
     let rc = unsafe { dpdk_sys::rte_eal_remote_launch(Some(trampoline), arg.cast(), lcore) };
     if rc != 0 {
         // SAFETY: launch failed, so the trampoline will never see `arg`: we still own it.
         drop(unsafe { Box::from_raw(arg) });
-        let reason = if rc == -libc::EBUSY { "lcore is busy".to_string() } else { super::strerror(rc) };
+        let reason = if rc == -libc::EBUSY {
+            "lcore is busy".to_string()
+        } else {
+            super::strerror(rc)
+        };
         return Err(EnvError::Launch { lcore, reason });
     }
-    Ok(LcoreHandle { lcore, panicked, joined: false })
+    Ok(LcoreHandle {
+        lcore,
+        panicked,
+        joined: false,
+    })
 }
 
 impl LcoreHandle {

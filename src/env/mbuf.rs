@@ -38,42 +38,52 @@ impl Mbuf {
     }
 
     /// Bytes in the first segment.
-    #[inline]
+    #[inline(always)]
     pub fn data_len(&self) -> usize {
-        // SAFETY: we own a valid mbuf.
-        unsafe { dpdk_sys::hp_pktmbuf_data_len(self.0.as_ptr()) as usize }
+        // SAFETY: we own a valid mbuf; the field layout is checked against C at EAL init
+        // (`layout_matches_c`).
+        unsafe { (*self.0.as_ptr()).data_len as usize }
     }
 
     /// Total packet length over all segments.
-    #[inline]
+    #[inline(always)]
     pub fn pkt_len(&self) -> usize {
-        // SAFETY: we own a valid mbuf.
-        unsafe { dpdk_sys::hp_pktmbuf_pkt_len(self.0.as_ptr()) as usize }
+        // SAFETY: as in data_len.
+        unsafe { (*self.0.as_ptr()).pkt_len as usize }
     }
 
     /// Number of segments.
-    #[inline]
+    #[inline(always)]
     pub fn segments(&self) -> u16 {
-        // SAFETY: we own a valid mbuf.
-        unsafe { dpdk_sys::hp_pktmbuf_nb_segs(self.0.as_ptr()) }
+        // SAFETY: as in data_len.
+        unsafe { (*self.0.as_ptr()).nb_segs }
+    }
+
+    /// Start of the first segment's data (rte_pktmbuf_mtod).
+    #[inline(always)]
+    fn data_ptr(&self) -> *mut u8 {
+        // SAFETY: as in data_len; buf_addr + data_off stays inside the mbuf's buffer (DPDK
+        // keeps data_off <= buf_len).
+        unsafe {
+            let m = self.0.as_ptr();
+            (*m).buf_addr.cast::<u8>().add(usize::from((*m).data_off))
+        }
     }
 
     /// The first segment's data.
-    #[inline]
+    #[inline(always)]
     pub fn data(&self) -> &[u8] {
-        // SAFETY: mtod points at data_len initialised bytes inside the mbuf's buffer, which we
-        // own for the lifetime of &self.
-        unsafe { std::slice::from_raw_parts(dpdk_sys::hp_pktmbuf_mtod(self.0.as_ptr()).cast(), self.data_len()) }
+        // SAFETY: data_ptr points at data_len initialised bytes inside the mbuf's buffer, which
+        // we own for the lifetime of &self.
+        unsafe { std::slice::from_raw_parts(self.data_ptr(), self.data_len()) }
     }
 
     /// The first segment's data, writable.
-    #[inline]
+    #[inline(always)]
     pub fn data_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in data(); &mut self guarantees exclusive access. A refcnt > 1 mbuf (clone)
-        // is never created by hostplane, so the bytes are not shared.
-        unsafe {
-            std::slice::from_raw_parts_mut(dpdk_sys::hp_pktmbuf_mtod(self.0.as_ptr()).cast(), self.data_len())
-        }
+        // SAFETY: as in data(); &mut self guarantees exclusive access. hostplane never creates
+        // refcnt > 1 (cloned) mbufs, so the bytes are not shared.
+        unsafe { std::slice::from_raw_parts_mut(self.data_ptr(), self.data_len()) }
     }
 
     /// Appends `len` bytes at the end and returns them; `None` without enough tailroom.
@@ -87,7 +97,9 @@ impl Mbuf {
 
     /// Removes `len` bytes from the end. False if the packet is shorter.
     pub fn trim(&mut self, len: usize) -> bool {
-        let Ok(len16) = u16::try_from(len) else { return false };
+        let Ok(len16) = u16::try_from(len) else {
+            return false;
+        };
         // SAFETY: we own the mbuf; trim checks the length.
         unsafe { dpdk_sys::hp_pktmbuf_trim(self.0.as_ptr(), len16) == 0 }
     }
@@ -102,9 +114,24 @@ impl Mbuf {
     /// Prefetches the packet data's first cache line.
     #[inline(always)]
     pub fn prefetch_data(&self) {
-        // SAFETY: mtod computes an address from the mbuf header we own; prefetch never faults.
-        unsafe { dpdk_sys::hp_prefetch0(dpdk_sys::hp_pktmbuf_mtod(self.0.as_ptr())) }
+        super::prefetch(self.data_ptr());
     }
+}
+
+/// True when the rte_mbuf field offsets Rust reads directly match the C compiler's.
+pub(crate) fn layout_matches_c() -> bool {
+    use std::mem::offset_of;
+    let mut c = [0usize; 5];
+    // SAFETY: writes five size_t values into `c`.
+    unsafe { dpdk_sys::hp_mbuf_layout(c.as_mut_ptr()) };
+    let rust = [
+        offset_of!(dpdk_sys::rte_mbuf, buf_addr),
+        offset_of!(dpdk_sys::rte_mbuf, data_off),
+        offset_of!(dpdk_sys::rte_mbuf, nb_segs),
+        offset_of!(dpdk_sys::rte_mbuf, pkt_len),
+        offset_of!(dpdk_sys::rte_mbuf, data_len),
+    ];
+    c == rust
 }
 
 impl Drop for Mbuf {
@@ -132,7 +159,11 @@ impl MbufBurst {
     /// An empty burst.
     #[inline]
     pub fn new() -> Self {
-        MbufBurst { slots: [const { MaybeUninit::uninit() }; BURST_SIZE], head: 0, len: 0 }
+        MbufBurst {
+            slots: [const { MaybeUninit::uninit() }; BURST_SIZE],
+            head: 0,
+            len: 0,
+        }
     }
 
     /// Live mbufs.
@@ -210,7 +241,13 @@ impl MbufBurst {
         let n = self.len();
         // SAFETY: moves the live slots to the front; regions may overlap so use ptr::copy.
         // The moved-from slots are treated as uninitialised afterwards.
-        unsafe { std::ptr::copy(self.slots.as_ptr().add(self.head), self.slots.as_mut_ptr(), n) };
+        unsafe {
+            std::ptr::copy(
+                self.slots.as_ptr().add(self.head),
+                self.slots.as_mut_ptr(),
+                n,
+            )
+        };
         self.head = 0;
         self.len = n;
     }
@@ -239,7 +276,10 @@ impl MbufBurst {
     #[inline]
     pub(crate) fn live_raw(&mut self) -> (*mut *mut dpdk_sys::rte_mbuf, usize) {
         // SAFETY: head <= len <= BURST_SIZE.
-        (unsafe { self.slots.as_mut_ptr().add(self.head) }.cast(), self.len())
+        (
+            unsafe { self.slots.as_mut_ptr().add(self.head) }.cast(),
+            self.len(),
+        )
     }
 
     /// For tx: the driver took ownership of the first `n` live mbufs.

@@ -20,15 +20,25 @@ unsafe impl Sync for Mempool {}
 impl Mempool {
     /// Creates a pktmbuf pool of `n` buffers with `data_room` bytes of data room (headroom
     /// included) and a per-lcore cache of `cache` buffers, on NUMA `socket` (-1 = any).
-    pub fn pktmbuf(name: &str, n: u32, cache: u32, data_room: u16, socket: i32) -> Result<Mempool, EnvError> {
+    pub fn pktmbuf(
+        name: &str,
+        n: u32,
+        cache: u32,
+        data_room: u16,
+        socket: i32,
+    ) -> Result<Mempool, EnvError> {
         let cname = CString::new(name).map_err(|_| EnvError::BadArgument(name.into()))?;
         // SAFETY: cname is a valid C string for the duration of the call; EAL copies the name.
-        let p = unsafe { dpdk_sys::rte_pktmbuf_pool_create(cname.as_ptr(), n, cache, 0, data_room, socket) };
-        NonNull::new(p).map(Mempool).ok_or_else(|| EnvError::Create {
-            what: "mempool",
-            name: name.into(),
-            reason: strerror(last_errno()),
-        })
+        let p = unsafe {
+            dpdk_sys::rte_pktmbuf_pool_create(cname.as_ptr(), n, cache, 0, data_room, socket)
+        };
+        NonNull::new(p)
+            .map(Mempool)
+            .ok_or_else(|| EnvError::Create {
+                what: "mempool",
+                name: name.into(),
+                reason: strerror(last_errno()),
+            })
     }
 
     /// Allocates one mbuf; [`EnvError::PoolExhausted`] when none is free.
@@ -37,7 +47,9 @@ impl Mempool {
         // SAFETY: the pool pointer is valid for the process lifetime.
         let m = unsafe { dpdk_sys::hp_pktmbuf_alloc(self.0.as_ptr()) };
         // SAFETY: a non-null result is a freshly allocated mbuf that we now own exclusively.
-        NonNull::new(m).map(|p| unsafe { Mbuf::from_raw(p) }).ok_or(EnvError::PoolExhausted)
+        NonNull::new(m)
+            .map(|p| unsafe { Mbuf::from_raw(p) })
+            .ok_or(EnvError::PoolExhausted)
     }
 
     /// Buffers currently free in the pool (cache included).

@@ -58,31 +58,68 @@ pub struct Consumer<T> {
 fn create<T>(name: &str, capacity: u32, flags: u32) -> Result<Arc<RawRing<T>>, EnvError> {
     let cname = CString::new(name).map_err(|_| EnvError::BadArgument(name.into()))?;
     // SAFETY: valid name; socket -1 = any. EXACT_SZ makes `capacity` usable slots.
-    let r = unsafe { dpdk_sys::rte_ring_create(cname.as_ptr(), capacity, -1, flags | RING_F_EXACT_SZ) };
+    let r =
+        unsafe { dpdk_sys::rte_ring_create(cname.as_ptr(), capacity, -1, flags | RING_F_EXACT_SZ) };
     let ring = NonNull::new(r).ok_or_else(|| EnvError::Create {
         what: "ring",
         name: name.into(),
         reason: strerror(last_errno()),
     })?;
-    Ok(Arc::new(RawRing { ring, _owns: PhantomData }))
+    Ok(Arc::new(RawRing {
+        ring,
+        _owns: PhantomData,
+    }))
 }
 
 /// A single-producer, single-consumer ring of `capacity` messages. `name` must be unique.
 pub fn spsc<T: Send>(name: &str, capacity: u32) -> Result<(Producer<T>, Consumer<T>), EnvError> {
     let r = create::<T>(name, capacity, RING_F_SP_ENQ | RING_F_SC_DEQ)?;
-    Ok((Producer { ring: r.clone(), multi: false, _not_sync: PhantomData }, Consumer { ring: r, multi: false, _not_sync: PhantomData }))
+    Ok((
+        Producer {
+            ring: r.clone(),
+            multi: false,
+            _not_sync: PhantomData,
+        },
+        Consumer {
+            ring: r,
+            multi: false,
+            _not_sync: PhantomData,
+        },
+    ))
 }
 
 /// A multi-producer, multi-consumer ring; both handles can be cloned.
 pub fn mpmc<T: Send>(name: &str, capacity: u32) -> Result<(Producer<T>, Consumer<T>), EnvError> {
     let r = create::<T>(name, capacity, 0)?;
-    Ok((Producer { ring: r.clone(), multi: true, _not_sync: PhantomData }, Consumer { ring: r, multi: true, _not_sync: PhantomData }))
+    Ok((
+        Producer {
+            ring: r.clone(),
+            multi: true,
+            _not_sync: PhantomData,
+        },
+        Consumer {
+            ring: r,
+            multi: true,
+            _not_sync: PhantomData,
+        },
+    ))
 }
 
 /// A multi-producer, single-consumer ring (the reactor message queue shape).
 pub fn mpsc<T: Send>(name: &str, capacity: u32) -> Result<(Producer<T>, Consumer<T>), EnvError> {
     let r = create::<T>(name, capacity, RING_F_SC_DEQ)?;
-    Ok((Producer { ring: r.clone(), multi: true, _not_sync: PhantomData }, Consumer { ring: r, multi: false, _not_sync: PhantomData }))
+    Ok((
+        Producer {
+            ring: r.clone(),
+            multi: true,
+            _not_sync: PhantomData,
+        },
+        Consumer {
+            ring: r,
+            multi: false,
+            _not_sync: PhantomData,
+        },
+    ))
 }
 
 impl<T: Send> Producer<T> {
@@ -105,7 +142,11 @@ impl<T: Send> Producer<T> {
 
     /// Whether this producer may be cloned (multi-producer ring).
     pub fn try_clone(&self) -> Option<Producer<T>> {
-        self.multi.then(|| Producer { ring: self.ring.clone(), multi: true, _not_sync: PhantomData })
+        self.multi.then(|| Producer {
+            ring: self.ring.clone(),
+            multi: true,
+            _not_sync: PhantomData,
+        })
     }
 }
 
@@ -140,6 +181,10 @@ impl<T: Send> Consumer<T> {
 
     /// Whether this consumer may be cloned (multi-consumer ring).
     pub fn try_clone(&self) -> Option<Consumer<T>> {
-        self.multi.then(|| Consumer { ring: self.ring.clone(), multi: true, _not_sync: PhantomData })
+        self.multi.then(|| Consumer {
+            ring: self.ring.clone(),
+            multi: true,
+            _not_sync: PhantomData,
+        })
     }
 }

@@ -31,7 +31,20 @@ pub fn inet_checksum(data: &[u8], mut sum: u32) -> u16 {
 /// IPv4 header (checksummed) + payload.
 pub fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
     let total = 20 + payload.len();
-    let mut h = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0];
+    let mut h = vec![
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        proto,
+        0,
+        0,
+    ];
     h.extend_from_slice(&src);
     h.extend_from_slice(&dst);
     let c = inet_checksum(&h, 0);
@@ -57,11 +70,24 @@ pub fn ipv4_udp(dst: MacAddr, src: MacAddr, sip: [u8; 4], dip: [u8; 4], min_len:
     let base = 14 + 20 + 8;
     let pad = min_len.saturating_sub(base);
     let payload: Vec<u8> = (0..pad).map(|i| i as u8).collect();
-    eth(dst, src, 0x0800, &ipv4(sip, dip, 17, &udp(4000, 5000, &payload)))
+    eth(
+        dst,
+        src,
+        0x0800,
+        &ipv4(sip, dip, 17, &udp(4000, 5000, &payload)),
+    )
 }
 
 /// Ethernet/ARP (Ethernet/IPv4) frame, padded to 60 bytes.
-pub fn arp(dst: MacAddr, src: MacAddr, op: u16, sha: MacAddr, spa: [u8; 4], tha: MacAddr, tpa: [u8; 4]) -> Vec<u8> {
+pub fn arp(
+    dst: MacAddr,
+    src: MacAddr,
+    op: u16,
+    sha: MacAddr,
+    spa: [u8; 4],
+    tha: MacAddr,
+    tpa: [u8; 4],
+) -> Vec<u8> {
     let mut a = vec![0, 1, 8, 0, 6, 4];
     a.extend_from_slice(&op.to_be_bytes());
     a.extend_from_slice(&sha.0);

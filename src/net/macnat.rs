@@ -4,6 +4,7 @@
 //! Net lcores read it through [`super::rcu`] with no lock; the control plane changes it by
 //! building a new version and swapping it in ([`MacNatTable`] is the shared handle).
 
+use super::ipv4map::Ipv4BindingMap;
 use super::packet::{IpKey, MacAddr};
 use super::rcu::{Rcu, RcuReader};
 use std::collections::HashMap;
@@ -72,36 +73,70 @@ pub struct MacNatVersion {
     v6: HashMap<u128, Binding, Hasher>,
     /// local MAC → (global MAC, port, number of IPs using it).
     by_local: HashMap<MacAddr, (Binding, u32), Hasher>,
+    /// The data path's copy of `v4`, rebuilt by [`MacNatVersion::reindex`] after changes.
+    fast_v4: Ipv4BindingMap,
 }
 
 impl Default for MacNatVersion {
     fn default() -> Self {
         // Fixed seeds: the hash must be identical in every version (the table is cloned).
-        let h = Hasher::with_seeds(0x5157_4e41_5448_4f53, 0x7468_6f73_7470_6c61, 0x6e65_6d61_636e_6174, 0x0123_4567_89ab_cdef);
-        MacNatVersion { v4: HashMap::with_hasher(h.clone()), v6: HashMap::with_hasher(h.clone()), by_local: HashMap::with_hasher(h) }
+        let h = Hasher::with_seeds(
+            0x5157_4e41_5448_4f53,
+            0x7468_6f73_7470_6c61,
+            0x6e65_6d61_636e_6174,
+            0x0123_4567_89ab_cdef,
+        );
+        MacNatVersion {
+            v4: HashMap::with_hasher(h.clone()),
+            v6: HashMap::with_hasher(h.clone()),
+            by_local: HashMap::with_hasher(h),
+            fast_v4: Ipv4BindingMap::default(),
+        }
     }
 }
 
 impl MacNatVersion {
+    /// Builds a version from entries (later entries replace earlier ones with the same IP).
+    pub fn from_entries(entries: &[MacNatEntry]) -> Result<Self, MacNatError> {
+        let mut v = MacNatVersion::default();
+        v.v4.reserve(entries.len());
+        for e in entries {
+            v.insert(*e)?;
+        }
+        v.reindex();
+        Ok(v)
+    }
+
+    /// Rebuilds the data path's IPv4 map from the entries; call after insert/remove.
+    pub(crate) fn reindex(&mut self) {
+        self.fast_v4 = Ipv4BindingMap::build(self.v4.iter().map(|(k, b)| (*k, *b)), self.v4.len());
+    }
+
     /// Lookup by IP.
     #[inline(always)]
-    pub fn lookup(&self, ip: IpKey) -> Option<&Binding> {
+    pub fn lookup(&self, ip: IpKey) -> Option<Binding> {
         match ip {
-            IpKey::V4(a) => self.v4.get(&u32::from_be_bytes(a)),
-            IpKey::V6(a) => self.v6.get(&u128::from_be_bytes(a)),
+            IpKey::V4(a) => self.fast_v4.get(u32::from_be_bytes(a)),
+            IpKey::V6(a) => self.v6.get(&u128::from_be_bytes(a)).copied(),
         }
     }
 
     /// Lookup by IPv4 address in host order (the fast path).
     #[inline(always)]
-    pub fn lookup_v4(&self, ip: u32) -> Option<&Binding> {
-        self.v4.get(&ip)
+    pub fn lookup_v4(&self, ip: u32) -> Option<Binding> {
+        self.fast_v4.get(ip)
+    }
+
+    /// Starts loading the cache line that [`MacNatVersion::lookup_v4`] will read for `ip`.
+    #[inline(always)]
+    pub fn prefetch_v4(&self, ip: u32) {
+        self.fast_v4.prefetch(ip)
     }
 
     /// Lookup by the VM's local MAC (VMs without an IP yet).
     #[inline]
-    pub fn lookup_local_mac(&self, mac: MacAddr) -> Option<&Binding> {
-        self.by_local.get(&mac).map(|(b, _)| b)
+    pub fn lookup_local_mac(&self, mac: MacAddr) -> Option<Binding> {
+        self.by_local.get(&mac).map(|(b, _)| *b)
     }
 
     /// Entries.
@@ -114,13 +149,8 @@ impl MacNatVersion {
         self.len() == 0
     }
 
-    /// Reserves room for `n` more IPv4 entries.
-    pub fn reserve_v4(&mut self, n: usize) {
-        self.v4.reserve(n);
-    }
-
-    /// Inserts or replaces one entry.
-    pub fn insert(&mut self, e: MacNatEntry) -> Result<(), MacNatError> {
+    /// Inserts or replaces one entry (the data path sees it after [`MacNatVersion::reindex`]).
+    pub(crate) fn insert(&mut self, e: MacNatEntry) -> Result<(), MacNatError> {
         for (field, mac) in [("local_mac", e.local), ("global_mac", e.global)] {
             if mac.is_multicast() || mac.0 == [0; 6] {
                 return Err(MacNatError::NotUnicast { field, mac });
@@ -130,15 +160,25 @@ impl MacNatVersion {
             return Err(MacNatError::SameMac(e.local));
         }
         let ip: IpAddr = e.ip.into();
-        if ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        if ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+        {
             return Err(MacNatError::BadIp(ip));
         }
         if let Some((b, _)) = self.by_local.get(&e.local) {
             if b.global != e.global {
-                return Err(MacNatError::LocalMacConflict { local: e.local, existing: b.global });
+                return Err(MacNatError::LocalMacConflict {
+                    local: e.local,
+                    existing: b.global,
+                });
             }
         }
-        let binding = Binding { local: e.local, global: e.global, port: e.port };
+        let binding = Binding {
+            local: e.local,
+            global: e.global,
+            port: e.port,
+        };
         let old = match e.ip {
             IpKey::V4(a) => self.v4.insert(u32::from_be_bytes(a), binding),
             IpKey::V6(a) => self.v6.insert(u128::from_be_bytes(a), binding),
@@ -146,10 +186,13 @@ impl MacNatVersion {
         if let Some(old) = old {
             self.unref_local(old.local);
         }
-        self.by_local.entry(e.local).and_modify(|(b, n)| {
-            *b = binding;
-            *n += 1;
-        }).or_insert((binding, 1));
+        self.by_local
+            .entry(e.local)
+            .and_modify(|(b, n)| {
+                *b = binding;
+                *n += 1;
+            })
+            .or_insert((binding, 1));
         Ok(())
     }
 
@@ -162,15 +205,20 @@ impl MacNatVersion {
         }
     }
 
-    /// Removes the entry for `ip`.
-    pub fn remove(&mut self, ip: IpKey) -> Result<MacNatEntry, MacNatError> {
+    /// Removes the entry for `ip` (the data path forgets it after [`MacNatVersion::reindex`]).
+    pub(crate) fn remove(&mut self, ip: IpKey) -> Result<MacNatEntry, MacNatError> {
         let old = match ip {
             IpKey::V4(a) => self.v4.remove(&u32::from_be_bytes(a)),
             IpKey::V6(a) => self.v6.remove(&u128::from_be_bytes(a)),
         };
         let b = old.ok_or(MacNatError::NotFound(ip.into()))?;
         self.unref_local(b.local);
-        Ok(MacNatEntry { ip, local: b.local, global: b.global, port: b.port })
+        Ok(MacNatEntry {
+            ip,
+            local: b.local,
+            global: b.global,
+            port: b.port,
+        })
     }
 
     /// All entries, sorted by IP (IPv4 first) for stable paging.
@@ -178,7 +226,12 @@ impl MacNatVersion {
         let mut v: Vec<MacNatEntry> = self
             .v4
             .iter()
-            .map(|(k, b)| MacNatEntry { ip: IpKey::V4(k.to_be_bytes()), local: b.local, global: b.global, port: b.port })
+            .map(|(k, b)| MacNatEntry {
+                ip: IpKey::V4(k.to_be_bytes()),
+                local: b.local,
+                global: b.global,
+                port: b.port,
+            })
             .chain(self.v6.iter().map(|(k, b)| MacNatEntry {
                 ip: IpKey::V6(k.to_be_bytes()),
                 local: b.local,
@@ -206,12 +259,9 @@ pub type MacNatReader = RcuReader<MacNatVersion>;
 impl MacNatTable {
     /// A table with `entries`, readable by up to `max_readers` lcores.
     pub fn new(entries: &[MacNatEntry], max_readers: usize) -> Result<Self, MacNatError> {
-        let mut v = MacNatVersion::default();
-        v.reserve_v4(entries.len());
-        for e in entries {
-            v.insert(*e)?;
-        }
-        Ok(MacNatTable { rcu: Rcu::new(v, max_readers) })
+        Ok(MacNatTable {
+            rcu: Rcu::new(MacNatVersion::from_entries(entries)?, max_readers),
+        })
     }
 
     /// The read handle for lcore slot `slot`.
@@ -227,6 +277,7 @@ impl MacNatTable {
             for e in entries {
                 next.insert(*e)?;
             }
+            next.reindex();
             Ok((next, ()))
         })
     }
@@ -235,7 +286,11 @@ impl MacNatTable {
     pub fn delete(&self, ips: &[IpKey]) -> Result<Vec<MacNatEntry>, MacNatError> {
         self.rcu.update(|cur| {
             let mut next = cur.clone();
-            let removed = ips.iter().map(|ip| next.remove(*ip)).collect::<Result<Vec<_>, _>>()?;
+            let removed = ips
+                .iter()
+                .map(|ip| next.remove(*ip))
+                .collect::<Result<Vec<_>, _>>()?;
+            next.reindex();
             Ok((next, removed))
         })
     }
@@ -271,7 +326,12 @@ mod tests {
         MacAddr([0x02, 0, 0, 0, 0, last])
     }
     fn e4(ip: [u8; 4], l: u8, g: u8) -> MacNatEntry {
-        MacNatEntry { ip: IpKey::V4(ip), local: mac(l), global: gmac(g), port: 1 }
+        MacNatEntry {
+            ip: IpKey::V4(ip),
+            local: mac(l),
+            global: gmac(g),
+            port: 1,
+        }
     }
 
     #[test]
@@ -279,7 +339,10 @@ mod tests {
         let t = MacNatTable::new(&[e4([10, 0, 0, 2], 2, 1)], 1).unwrap();
         let mut r = t.reader(0).unwrap();
         r.online();
-        assert_eq!(r.get().lookup(IpKey::V4([10, 0, 0, 2])).unwrap().global, gmac(1));
+        assert_eq!(
+            r.get().lookup(IpKey::V4([10, 0, 0, 2])).unwrap().global,
+            gmac(1)
+        );
         assert_eq!(r.get().lookup_local_mac(mac(2)).unwrap().global, gmac(1));
         r.quiescent();
         r.offline();
@@ -288,7 +351,10 @@ mod tests {
         t.delete(&[IpKey::V4([10, 0, 0, 2])]).unwrap();
         r.online();
         assert!(r.get().lookup(IpKey::V4([10, 0, 0, 2])).is_none());
-        assert!(r.get().lookup_local_mac(mac(2)).is_none(), "local MAC index must follow deletes");
+        assert!(
+            r.get().lookup_local_mac(mac(2)).is_none(),
+            "local MAC index must follow deletes"
+        );
         assert!(r.get().lookup_local_mac(mac(3)).is_some());
     }
 
@@ -297,15 +363,38 @@ mod tests {
         let t = MacNatTable::new(&[], 1).unwrap();
         let bad = [
             e4([10, 0, 0, 2], 2, 1),
-            MacNatEntry { ip: IpKey::V4([10, 0, 0, 9]), local: MacAddr([0xff; 6]), global: gmac(1), port: 1 },
+            MacNatEntry {
+                ip: IpKey::V4([10, 0, 0, 9]),
+                local: MacAddr([0xff; 6]),
+                global: gmac(1),
+                port: 1,
+            },
         ];
-        assert!(matches!(t.add(&bad), Err(MacNatError::NotUnicast { field: "local_mac", .. })));
+        assert!(matches!(
+            t.add(&bad),
+            Err(MacNatError::NotUnicast {
+                field: "local_mac",
+                ..
+            })
+        ));
         assert_eq!(t.len(), 0, "a failed batch must change nothing");
-        assert!(matches!(t.add(&[e4([224, 0, 0, 1], 2, 1)]), Err(MacNatError::BadIp(_))));
-        assert!(matches!(t.add(&[e4([0, 0, 0, 0], 2, 1)]), Err(MacNatError::BadIp(_))));
+        assert!(matches!(
+            t.add(&[e4([224, 0, 0, 1], 2, 1)]),
+            Err(MacNatError::BadIp(_))
+        ));
+        assert!(matches!(
+            t.add(&[e4([0, 0, 0, 0], 2, 1)]),
+            Err(MacNatError::BadIp(_))
+        ));
         t.add(&[e4([10, 0, 0, 2], 2, 1)]).unwrap();
-        assert!(matches!(t.add(&[e4([10, 0, 0, 3], 2, 7)]), Err(MacNatError::LocalMacConflict { .. })));
-        assert!(matches!(t.delete(&[IpKey::V4([1, 1, 1, 1])]), Err(MacNatError::NotFound(_))));
+        assert!(matches!(
+            t.add(&[e4([10, 0, 0, 3], 2, 7)]),
+            Err(MacNatError::LocalMacConflict { .. })
+        ));
+        assert!(matches!(
+            t.delete(&[IpKey::V4([1, 1, 1, 1])]),
+            Err(MacNatError::NotFound(_))
+        ));
     }
 
     #[test]

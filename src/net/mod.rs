@@ -4,6 +4,7 @@
 
 pub mod dataplane;
 pub mod frames;
+pub mod ipv4map;
 pub mod macnat;
 pub mod nat;
 pub mod packet;

@@ -27,7 +27,9 @@ pub struct Rcu<T: Send + Sync + 'static> {
 
 impl<T: Send + Sync + 'static> Clone for Rcu<T> {
     fn clone(&self) -> Self {
-        Rcu { inner: self.inner.clone() }
+        Rcu {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -41,7 +43,9 @@ pub struct RcuReader<T: Send + Sync + 'static> {
 impl<T: Send + Sync + 'static> Rcu<T> {
     /// Wraps `value`, with room for `max_readers` reader handles.
     pub fn new(value: T, max_readers: usize) -> Self {
-        let readers = (0..max_readers).map(|_| ReaderSlot(AtomicU64::new(0))).collect();
+        let readers = (0..max_readers)
+            .map(|_| ReaderSlot(AtomicU64::new(0)))
+            .collect();
         Rcu {
             inner: Arc::new(Inner {
                 current: AtomicPtr::new(Box::into_raw(Box::new(value))),
@@ -53,7 +57,11 @@ impl<T: Send + Sync + 'static> Rcu<T> {
 
     /// The reader handle for slot `slot` (each slot used by one thread). `None` when out of range.
     pub fn reader(&self, slot: usize) -> Option<RcuReader<T>> {
-        (slot < self.inner.readers.len()).then(|| RcuReader { inner: self.inner.clone(), slot, counter: 0 })
+        (slot < self.inner.readers.len()).then(|| RcuReader {
+            inner: self.inner.clone(),
+            slot,
+            counter: 0,
+        })
     }
 
     /// Runs `f` on the current value from a control thread (writers are serialised, so the value
@@ -72,7 +80,9 @@ impl<T: Send + Sync + 'static> Rcu<T> {
         let old = self.inner.current.load(Ordering::Acquire);
         // SAFETY: `old` is the live version; only writers free versions and we are the writer.
         let (new, r) = f(unsafe { &*old })?;
-        self.inner.current.store(Box::into_raw(Box::new(new)), Ordering::Release);
+        self.inner
+            .current
+            .store(Box::into_raw(Box::new(new)), Ordering::Release);
         self.synchronize();
         // SAFETY: after synchronize() no reader holds `old` (each online reader has passed a
         // quiescent state after the store), and no other writer can see it.
@@ -82,7 +92,12 @@ impl<T: Send + Sync + 'static> Rcu<T> {
 
     /// Waits until every online reader has reported a quiescent state (or gone offline).
     fn synchronize(&self) {
-        let snap: Vec<u64> = self.inner.readers.iter().map(|r| r.0.load(Ordering::SeqCst)).collect();
+        let snap: Vec<u64> = self
+            .inner
+            .readers
+            .iter()
+            .map(|r| r.0.load(Ordering::SeqCst))
+            .collect();
         for (slot, seen) in self.inner.readers.iter().zip(snap) {
             if seen == 0 {
                 continue;
@@ -131,7 +146,9 @@ impl<T: Send + Sync + 'static> RcuReader<T> {
     #[inline(always)]
     pub fn quiescent(&mut self) {
         self.counter = self.counter.wrapping_add(1).max(1);
-        self.inner.readers[self.slot].0.store(self.counter, Ordering::Release);
+        self.inner.readers[self.slot]
+            .0
+            .store(self.counter, Ordering::Release);
     }
 
     /// Takes this reader offline (e.g. while idle or stopping): writers stop waiting for it.

@@ -16,7 +16,10 @@ impl Counter {
     /// Adds `n` (single writer only).
     #[inline(always)]
     pub fn add(&self, n: u64) {
-        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
     }
     /// Current value.
     #[inline]
@@ -37,7 +40,10 @@ pub const N_DROP_REASONS: usize = Malformed::ALL.len() + NON_MALFORMED.len();
 
 /// Every drop reason, in counter order.
 pub fn drop_reasons() -> impl Iterator<Item = DropReason> {
-    Malformed::ALL.iter().map(|m| DropReason::Malformed(*m)).chain(NON_MALFORMED)
+    Malformed::ALL
+        .iter()
+        .map(|m| DropReason::Malformed(*m))
+        .chain(NON_MALFORMED)
 }
 
 /// Counter index of a drop reason.
@@ -114,7 +120,11 @@ impl CountersSnapshot {
 
     /// Drops of one reason.
     pub fn drop_count(&self, name: &str) -> u64 {
-        self.drops.iter().filter(|(n, _)| *n == name).map(|(_, c)| c).sum()
+        self.drops
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, c)| c)
+            .sum()
     }
 
     /// Adds another snapshot into this one.
@@ -158,7 +168,12 @@ impl LcoreCounters {
                 .filter(|(_, c)| c.get() > 0)
                 .map(|(r, c)| (r.as_str(), c.get()))
                 .collect(),
-            ports: self.port_rx.iter().zip(self.port_tx.iter()).map(|(r, t)| (r.get(), t.get())).collect(),
+            ports: self
+                .port_rx
+                .iter()
+                .zip(self.port_tx.iter())
+                .map(|(r, t)| (r.get(), t.get()))
+                .collect(),
             busy_polls: self.busy_polls.get(),
             polls: self.polls.get(),
         }

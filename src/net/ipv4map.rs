@@ -1,0 +1,288 @@
+//! The data path's IPv4 → binding map: open addressing over 64-byte buckets of three entries,
+//! so a lookup touches one cache line (two on overflow), and the line can be prefetched for a
+//! whole burst before any frame of it is processed (DPDK l3fwd's bulk-lookup idea).
+//!
+//! The map is immutable once built: [`super::macnat::MacNatVersion`] rebuilds it after every
+//! control-plane change (readers see whole versions through RCU), so it needs no deletion or
+//! tombstones. Key 0 (0.0.0.0) marks an empty slot; it is never a valid VM address.
+
+use super::macnat::Binding;
+use super::packet::MacAddr;
+
+const SLOTS: usize = 3;
+/// Keep buckets at most this full (in slots out of 3) on average.
+const LOAD_NUM: usize = 2;
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Bucket {
+    keys: [u32; SLOTS],
+    ports: [u16; SLOTS],
+    /// local MAC (6) then global MAC (6), per slot.
+    macs: [[u8; 12]; SLOTS],
+    _pad: [u8; 10],
+}
+
+/// Tables at least this big are 2 MiB aligned and advised to use transparent huge pages: a
+/// million entries span 32 MiB, and with 4 KiB pages nearly every lookup would also miss the TLB.
+const HUGE: usize = 2 << 20;
+
+/// Zeroed (= empty) bucket storage, huge-page backed when large.
+struct Buckets {
+    ptr: std::ptr::NonNull<Bucket>,
+    len: usize,
+}
+
+// SAFETY: Buckets exclusively owns its allocation of plain-old-data buckets.
+unsafe impl Send for Buckets {}
+// SAFETY: shared access is read-only (no interior mutability).
+unsafe impl Sync for Buckets {}
+
+impl Buckets {
+    fn layout(len: usize) -> std::alloc::Layout {
+        let size = len * std::mem::size_of::<Bucket>();
+        let align = if size >= HUGE {
+            HUGE
+        } else {
+            std::mem::align_of::<Bucket>()
+        };
+        std::alloc::Layout::from_size_align(size, align)
+            .unwrap_or_else(|_| std::alloc::Layout::new::<Bucket>())
+    }
+
+    fn zeroed(len: usize) -> Buckets {
+        let layout = Self::layout(len);
+        // SAFETY: len >= 2, so the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(p.cast::<Bucket>()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        if layout.size() >= HUGE {
+            // SAFETY: advises the kernel about memory we just allocated and own; failure (THP
+            // disabled) only costs speed.
+            unsafe { libc::madvise(p.cast(), layout.size(), libc::MADV_HUGEPAGE) };
+        }
+        Buckets { ptr, len }
+    }
+}
+
+impl std::ops::Deref for Buckets {
+    type Target = [Bucket];
+    fn deref(&self) -> &[Bucket] {
+        // SAFETY: ptr is valid for len buckets, all initialised (zeroed bytes are a valid Bucket).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Buckets {
+    fn deref_mut(&mut self) -> &mut [Bucket] {
+        // SAFETY: as in deref, with exclusive access through &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Clone for Buckets {
+    fn clone(&self) -> Buckets {
+        let mut b = Buckets::zeroed(self.len);
+        b.copy_from_slice(self);
+        b
+    }
+}
+
+impl Drop for Buckets {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with exactly this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), Self::layout(self.len)) }
+    }
+}
+
+/// An immutable IPv4 (host order) → [`Binding`] map.
+#[derive(Clone)]
+pub struct Ipv4BindingMap {
+    buckets: Buckets,
+    mask: usize,
+    mult: u64,
+    /// Longest probe sequence (in buckets) any present key needs; misses stop there.
+    max_probe: usize,
+    len: usize,
+}
+
+impl Default for Ipv4BindingMap {
+    fn default() -> Self {
+        Self::build(std::iter::empty(), 0)
+    }
+}
+
+impl Ipv4BindingMap {
+    /// Builds a map from (key, binding) pairs; keys must be unique and non-zero.
+    pub fn build(items: impl Iterator<Item = (u32, Binding)>, n: usize) -> Self {
+        let want = (n * SLOTS / LOAD_NUM / SLOTS).max(1);
+        let nb = want.next_power_of_two().max(2);
+        let mut m = Ipv4BindingMap {
+            buckets: Buckets::zeroed(nb),
+            mask: nb - 1,
+            // An odd multiplier per build: spreads structured address ranges (10.0.0.1,
+            // 10.0.0.2, ...) over buckets; varying it keeps one table's layout from being
+            // assumed by traffic crafted against another.
+            mult: 0x9e37_79b9_7f4a_7c15 ^ ((nb as u64) << 1),
+            max_probe: 0,
+            len: 0,
+        };
+        for (k, b) in items {
+            m.insert(k, b);
+        }
+        m
+    }
+
+    #[inline(always)]
+    fn home(&self, key: u32) -> usize {
+        ((u64::from(key).wrapping_mul(self.mult) >> 32) as usize) & self.mask
+    }
+
+    fn insert(&mut self, key: u32, b: Binding) {
+        debug_assert!(key != 0);
+        if self.len + 1 > self.buckets.len() * LOAD_NUM {
+            // Callers size the map from the item count; grow if that was an underestimate.
+            let items: Vec<(u32, Binding)> = self.iter().collect();
+            *self = Self::build(items.into_iter(), (self.len + 1) * 2);
+        }
+        let mut i = self.home(key);
+        let mut probe = 0;
+        loop {
+            let bucket = &mut self.buckets[i];
+            for s in 0..SLOTS {
+                if bucket.keys[s] == 0 || bucket.keys[s] == key {
+                    if bucket.keys[s] == 0 {
+                        self.len += 1;
+                    }
+                    bucket.keys[s] = key;
+                    bucket.ports[s] = b.port;
+                    bucket.macs[s][..6].copy_from_slice(&b.local.0);
+                    bucket.macs[s][6..].copy_from_slice(&b.global.0);
+                    self.max_probe = self.max_probe.max(probe);
+                    return;
+                }
+            }
+            i = (i + 1) & self.mask;
+            probe += 1;
+        }
+    }
+
+    /// Looks a key up.
+    #[inline(always)]
+    pub fn get(&self, key: u32) -> Option<Binding> {
+        if key == 0 {
+            return None;
+        }
+        let mut i = self.home(key);
+        for _ in 0..=self.max_probe {
+            let bucket = &self.buckets[i];
+            for s in 0..SLOTS {
+                if bucket.keys[s] == key {
+                    let m = &bucket.macs[s];
+                    return Some(Binding {
+                        local: MacAddr([m[0], m[1], m[2], m[3], m[4], m[5]]),
+                        global: MacAddr([m[6], m[7], m[8], m[9], m[10], m[11]]),
+                        port: bucket.ports[s],
+                    });
+                }
+                if bucket.keys[s] == 0 {
+                    return None;
+                }
+            }
+            i = (i + 1) & self.mask;
+        }
+        None
+    }
+
+    /// Starts loading the key's bucket into cache.
+    #[inline(always)]
+    pub fn prefetch(&self, key: u32) {
+        let p = &self.buckets[self.home(key)] as *const Bucket;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: prefetch is a hint that never faults; `p` points into our bucket array anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, Binding)> + '_ {
+        self.buckets.iter().flat_map(|b| {
+            (0..SLOTS).filter(move |s| b.keys[*s] != 0).map(move |s| {
+                let m = &b.macs[s];
+                (
+                    b.keys[s],
+                    Binding {
+                        local: MacAddr([m[0], m[1], m[2], m[3], m[4], m[5]]),
+                        global: MacAddr([m[6], m[7], m[8], m[9], m[10], m[11]]),
+                        port: b.ports[s],
+                    },
+                )
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn binding(i: u32) -> Binding {
+        let b = i.to_be_bytes();
+        Binding {
+            local: MacAddr([0x52, 0x54, b[0], b[1], b[2], b[3]]),
+            global: MacAddr([2, 0, b[0], b[1], b[2], b[3]]),
+            port: (i % 7) as u16,
+        }
+    }
+
+    #[test]
+    fn bucket_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Bucket>(), 64);
+    }
+
+    #[test]
+    fn dense_ranges_and_misses() {
+        let keys: Vec<u32> = (1..=100_000u32).map(|i| 0x0a00_0000 + i).collect();
+        let m = Ipv4BindingMap::build(keys.iter().map(|k| (*k, binding(*k))), keys.len());
+        assert_eq!(m.len(), keys.len());
+        for k in &keys {
+            assert_eq!(m.get(*k), Some(binding(*k)));
+        }
+        for k in 0x0b00_0000..0x0b00_1000u32 {
+            assert_eq!(m.get(k), None);
+        }
+        assert!(m.max_probe < 16, "probe chains too long: {}", m.max_probe);
+        assert_eq!(Ipv4BindingMap::default().get(1), None);
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_hashmap(keys in proptest::collection::hash_set(1u32.., 0..2000), probes in proptest::collection::vec(any::<u32>(), 0..200), underestimate in 0usize..4) {
+            let reference: HashMap<u32, Binding> = keys.iter().map(|k| (*k, binding(*k))).collect();
+            // An underestimated size hint must still work (the map grows).
+            let m = Ipv4BindingMap::build(reference.iter().map(|(k, b)| (*k, *b)), reference.len() / (underestimate + 1));
+            prop_assert_eq!(m.len(), reference.len());
+            for (k, b) in &reference {
+                prop_assert_eq!(m.get(*k), Some(*b));
+            }
+            for p in probes {
+                prop_assert_eq!(m.get(p), reference.get(&p).copied());
+            }
+        }
+    }
+}

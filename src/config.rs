@@ -10,7 +10,7 @@
 //! lcores = "1-2"            # worker lcores that poll ports (default: every worker)
 //! unknown_ip = "drop"       # or "forward" (untouched)
 //! spoofed = "drop"
-//! control = "forward"       # LLDP/STP/LACP/EAPOL
+//! control = "drop"          # LLDP/STP/LACP/EAPOL, untouched if "forward"
 //! flood_port = "vm0"        # where ingress broadcast/multicast go (default: first vm port)
 //!
 //! [[port]]
@@ -99,15 +99,12 @@ pub struct NetSection {
     /// Egress with a known IP but the wrong MAC or port.
     #[serde(default)]
     pub spoofed: Disposition,
-    /// LLDP/STP/LACP/EAPOL.
-    #[serde(default = "forward")]
+    /// LLDP/STP/LACP/EAPOL. Default drop: forwarded untouched, a VM's frames would show the
+    /// switch its local MAC.
+    #[serde(default)]
     pub control: Disposition,
     /// Port name for ingress broadcast/multicast.
     pub flood_port: Option<String>,
-}
-
-fn forward() -> Disposition {
-    Disposition::Forward
 }
 
 /// `[[port]]`.

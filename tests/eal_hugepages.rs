@@ -9,7 +9,9 @@ use hostplane::env::{Eal, EthPort, MbufBurst, Mempool, PortConfig};
 fn eal_with_hugepages() {
     let free = hostplane::runtime::hugepages_free();
     if free < 64 {
-        println!("skipped: {free} free hugepages (reserve some: hugepage-setup config --pages 256)");
+        println!(
+            "skipped: {free} free hugepages (reserve some: hugepage-setup config --pages 256)"
+        );
         return;
     }
     let args: Vec<String> = [
@@ -28,9 +30,12 @@ fn eal_with_hugepages() {
     .map(|s| s.to_string())
     .collect();
     let _eal = Eal::init(&args).expect("EAL init on hugepages");
-    let pool = Mempool::pktmbuf("huge_pool", 8191, 256, 2048 + 128, -1).expect("pool in hugepage memory");
+    let pool =
+        Mempool::pktmbuf("huge_pool", 8191, 256, 2048 + 128, -1).expect("pool in hugepage memory");
     let port = EthPort::by_name("net_null0").expect("port");
-    let (mut rx, mut tx) = port.configure(&PortConfig::default(), pool).expect("configure");
+    let (mut rx, mut tx) = port
+        .configure(&PortConfig::default(), pool)
+        .expect("configure");
     port.start().expect("start");
     let mut b = MbufBurst::new();
     let mut n = 0;

@@ -23,14 +23,17 @@ struct Bucket {
     _pad: [u8; 10],
 }
 
-/// Tables at least this big are 2 MiB aligned and advised to use transparent huge pages: a
+/// Tables at least this big are mapped 2 MiB aligned and advised to use transparent huge pages: a
 /// million entries span 32 MiB, and with 4 KiB pages nearly every lookup would also miss the TLB.
 const HUGE: usize = 2 << 20;
 
-/// Zeroed (= empty) bucket storage, huge-page backed when large.
+/// Zeroed (= empty) bucket storage. Large tables are mapped directly (fresh, untouched pages)
+/// and advised to use transparent huge pages before the first touch, aligned to 2 MiB.
 struct Buckets {
     ptr: std::ptr::NonNull<Bucket>,
     len: usize,
+    /// (base, length) of our own mmap, or None when the allocator owns the memory.
+    mapping: Option<(*mut libc::c_void, usize)>,
 }
 
 // SAFETY: Buckets exclusively owns its allocation of plain-old-data buckets.
@@ -39,30 +42,51 @@ unsafe impl Send for Buckets {}
 unsafe impl Sync for Buckets {}
 
 impl Buckets {
-    fn layout(len: usize) -> std::alloc::Layout {
-        let size = len * std::mem::size_of::<Bucket>();
-        let align = if size >= HUGE {
-            HUGE
-        } else {
-            std::mem::align_of::<Bucket>()
-        };
-        std::alloc::Layout::from_size_align(size, align)
+    fn small_layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::array::<Bucket>(len)
             .unwrap_or_else(|_| std::alloc::Layout::new::<Bucket>())
     }
 
     fn zeroed(len: usize) -> Buckets {
-        let layout = Self::layout(len);
+        let size = len * std::mem::size_of::<Bucket>();
+        if size >= HUGE {
+            let total = size + HUGE;
+            // SAFETY: anonymous private mapping; no fd, no fixed address.
+            let base = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    total,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if base != libc::MAP_FAILED {
+                let aligned = (base as usize + HUGE - 1) & !(HUGE - 1);
+                // SAFETY: advises on memory we just mapped and have not touched; failure (THP
+                // disabled) only costs speed.
+                unsafe { libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE) };
+                if let Some(ptr) = std::ptr::NonNull::new(aligned as *mut Bucket) {
+                    return Buckets {
+                        ptr,
+                        len,
+                        mapping: Some((base, total)),
+                    };
+                }
+            }
+        }
+        let layout = Self::small_layout(len);
         // SAFETY: len >= 2, so the layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
         let Some(ptr) = std::ptr::NonNull::new(p.cast::<Bucket>()) else {
             std::alloc::handle_alloc_error(layout)
         };
-        if layout.size() >= HUGE {
-            // SAFETY: advises the kernel about memory we just allocated and own; failure (THP
-            // disabled) only costs speed.
-            unsafe { libc::madvise(p.cast(), layout.size(), libc::MADV_HUGEPAGE) };
+        Buckets {
+            ptr,
+            len,
+            mapping: None,
         }
-        Buckets { ptr, len }
     }
 }
 
@@ -91,8 +115,16 @@ impl Clone for Buckets {
 
 impl Drop for Buckets {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), Self::layout(self.len)) }
+        match self.mapping {
+            // SAFETY: unmaps exactly the mapping `zeroed` created; nothing borrows it any more.
+            Some((base, total)) => unsafe {
+                libc::munmap(base, total);
+            },
+            // SAFETY: allocated in `zeroed` with exactly this layout.
+            None => unsafe {
+                std::alloc::dealloc(self.ptr.as_ptr().cast(), Self::small_layout(self.len))
+            },
+        }
     }
 }
 

@@ -29,23 +29,46 @@ pub enum PcapError {
     LinkType(u32),
 }
 
+/// One captured frame with its timestamp.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Capture time in nanoseconds since the Unix epoch (microsecond files are scaled).
+    pub ts_ns: u64,
+    /// Length of the frame on the wire (may exceed `data` when the capture was truncated).
+    pub orig_len: u32,
+    /// Captured bytes.
+    pub data: Vec<u8>,
+}
+
 /// Reads every frame of a classic pcap file.
 pub fn read_frames(path: &Path) -> Result<Vec<Vec<u8>>, PcapError> {
+    Ok(read_records(path)?.into_iter().map(|r| r.data).collect())
+}
+
+/// Reads every record (timestamp, wire length, bytes) of a classic pcap file.
+pub fn read_records(path: &Path) -> Result<Vec<Record>, PcapError> {
     let mut data = Vec::new();
     std::fs::File::open(path)?.read_to_end(&mut data)?;
-    parse_frames(&data)
+    parse_records(&data)
 }
 
 /// Parses classic pcap bytes into frames (captured bytes of each record).
 pub fn parse_frames(data: &[u8]) -> Result<Vec<Vec<u8>>, PcapError> {
+    Ok(parse_records(data)?.into_iter().map(|r| r.data).collect())
+}
+
+/// Parses classic pcap bytes into records.
+pub fn parse_records(data: &[u8]) -> Result<Vec<Record>, PcapError> {
     let hdr: [u8; 24] = data
         .get(..24)
         .and_then(|h| h.try_into().ok())
         .ok_or(PcapError::BadMagic(0))?;
     let magic_le = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    let le = match magic_le {
-        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
-        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
+    let (le, nanos) = match magic_le {
+        0xa1b2_c3d4 => (true, false),
+        0xa1b2_3c4d => (true, true),
+        0xd4c3_b2a1 => (false, false),
+        0x4d3c_b2a1 => (false, true),
         m => return Err(PcapError::BadMagic(m)),
     };
     let rd = |b: &[u8]| -> u32 {
@@ -60,11 +83,11 @@ pub fn parse_frames(data: &[u8]) -> Result<Vec<Vec<u8>>, PcapError> {
     if linktype != LINKTYPE_ETHERNET {
         return Err(PcapError::LinkType(linktype));
     }
-    let mut frames = Vec::new();
+    let mut records = Vec::new();
     let mut off = 24usize;
     while off < data.len() {
         let rec = data.get(off..off + 16).ok_or(PcapError::BadRecord {
-            index: frames.len(),
+            index: records.len(),
             len: 0,
         })?;
         let incl = rd(&rec[8..12]);
@@ -73,13 +96,20 @@ pub fn parse_frames(data: &[u8]) -> Result<Vec<Vec<u8>>, PcapError> {
             .checked_add(incl as usize)
             .filter(|e| *e <= data.len())
             .ok_or(PcapError::BadRecord {
-                index: frames.len(),
+                index: records.len(),
                 len: incl,
             })?;
-        frames.push(data[start..end].to_vec());
+        let frac = u64::from(rd(&rec[4..8]));
+        let ts_ns =
+            u64::from(rd(&rec[0..4])) * 1_000_000_000 + if nanos { frac } else { frac * 1000 };
+        records.push(Record {
+            ts_ns,
+            orig_len: rd(&rec[12..16]),
+            data: data[start..end].to_vec(),
+        });
         off = end;
     }
-    Ok(frames)
+    Ok(records)
 }
 
 /// Writes frames to a classic pcap file (microsecond timestamps, 1 ms apart).
@@ -115,6 +145,12 @@ mod tests {
         let frames = vec![vec![1u8; 60], vec![2u8; 1514], vec![]];
         write_frames(&p, &frames).unwrap();
         assert_eq!(read_frames(&p).unwrap(), frames);
+        let records = read_records(&p).unwrap();
+        assert_eq!(
+            records.iter().map(|r| r.ts_ns).collect::<Vec<_>>(),
+            vec![0, 1_000_000, 2_000_000]
+        );
+        assert_eq!(records[1].orig_len, 1514);
         let mut bytes = std::fs::read(&p).unwrap();
         bytes.truncate(bytes.len() - 5);
         assert!(matches!(

@@ -45,7 +45,7 @@ pub struct Dataplane {
     stop: Arc<AtomicBool>,
     handles: Vec<LcoreHandle>,
     // Dropped last: EAL cleanup after lcores are joined and ports stopped.
-    eal: Eal,
+    _eal: Eal,
 }
 
 /// Free hugepages of the default size (0 when none are reserved).
@@ -257,9 +257,17 @@ impl Dataplane {
                 table: reader,
                 counters: counters.clone(),
             };
-            let stop = stop.clone();
+            let worker_stop = stop.clone();
             let lcore_id = plan.net[i];
-            handles.push(lcore::launch(lcore_id, move || worker.run(&stop))?);
+            match lcore::launch(lcore_id, move || worker.run(&worker_stop)) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // The lcores already launched poll until told to stop; their handles join
+                    // them when dropped on this return.
+                    stop.store(true, Ordering::SeqCst);
+                    return Err(e.into());
+                }
+            }
             lcores.push((lcore_id, counters));
         }
         Ok(Dataplane {
@@ -268,7 +276,7 @@ impl Dataplane {
             lcores,
             stop,
             handles,
-            eal,
+            _eal: eal,
         })
     }
 
@@ -283,24 +291,32 @@ impl Dataplane {
 
     /// Stops the net lcores, then the ports. Returns the final totals.
     pub fn stop(mut self) -> Result<CountersSnapshot, Error> {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut failed = Vec::new();
-        for h in self.handles.drain(..) {
-            if let Err(e) = h.join() {
-                failed.push(e);
-            }
-        }
+        let failed = self.halt();
         let totals = self.totals();
+        if !failed.is_empty() {
+            return Err(failed.join("; ").into());
+        }
+        Ok(totals)
+    }
+
+    /// Joins the net lcores (after telling them to stop) and stops the ports; returns the lcores'
+    /// failures. Does nothing the second time.
+    fn halt(&mut self) -> Vec<String> {
+        if self.handles.is_empty() {
+            return Vec::new();
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        let failed = self
+            .handles
+            .drain(..)
+            .filter_map(|h| h.join().err())
+            .collect();
         for p in &self.ports {
             if let Ok(dev) = EthPort::from_id(p.id) {
                 let _ = dev.stop();
             }
         }
-        let _ = &self.eal;
-        if !failed.is_empty() {
-            return Err(failed.join("; ").into());
-        }
-        Ok(totals)
+        failed
     }
 
     /// The counters table printed each interval: one line per lcore and per port.
@@ -387,6 +403,14 @@ impl Dataplane {
             let _ = writeln!(s, "  drops: {}", d.join(" "));
         }
         s
+    }
+}
+
+impl Drop for Dataplane {
+    /// A Dataplane dropped without [`Dataplane::stop`] (an early return, a panic) must not hang:
+    /// each `LcoreHandle` and the `Eal` wait for their lcores, which poll until told to stop.
+    fn drop(&mut self) {
+        let _ = self.halt();
     }
 }
 

@@ -46,7 +46,7 @@ const R_6: [u8; 16] = v6(0xfd00, 1);
 const UNKNOWN_6: [u8; 16] = v6(0xfd00, 0x99);
 const ALL_NODES: [u8; 16] = v6(0xff02, 1);
 const ALL_ROUTERS: [u8; 16] = v6(0xff02, 2);
-/// fe80::5054:ff:fe00:2, VM1's EUI-64 link-local address (not in the table).
+/// fe80::5054:ff:fe00:2, VM1's EUI-64 link-local address (not in the table: found by MAC).
 const VM1_LL: [u8; 16] = [
     0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x50, 0x54, 0, 0xff, 0xfe, 0, 0, 2,
 ];
@@ -336,15 +336,21 @@ fn vm_cases() -> Vec<Case> {
             eth(R, L1, 0x86dd, &udp6(UNKNOWN_6, R_6)),
             "unknown_ip",
         ),
-        drop(
-            "link-local rs (not in table)",
+        // Link-local sources identify no entry: the VM is found by its local MAC.
+        out(
+            "link-local rs (found by mac)",
             eth(
                 f::ipv6_multicast_mac(ALL_ROUTERS),
                 L1,
                 0x86dd,
                 &f::icmpv6(VM1_LL, ALL_ROUTERS, &f::router_solicit(Some(L1))),
             ),
-            "unknown_ip",
+            eth(
+                f::ipv6_multicast_mac(ALL_ROUTERS),
+                G1,
+                0x86dd,
+                &f::icmpv6(VM1_LL, ALL_ROUTERS, &f::router_solicit(Some(G1))),
+            ),
         ),
         drop(
             "dhcp discover from unknown mac",

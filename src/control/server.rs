@@ -278,29 +278,34 @@ fn wait_readable(fd: i32, ms: i32) {
 }
 
 fn accept_loop(shared: &Arc<Shared>, listener: &RpcListener) {
-    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    // Each connection's thread and a handle on its socket, to unblock it at stop.
+    let mut conns: Vec<(JoinHandle<()>, Option<UnixStream>)> = Vec::new();
     let fd = listener.listener.as_raw_fd();
     while !shared.stop.load(Ordering::SeqCst) {
         match listener.listener.accept() {
             Ok((stream, _)) => {
-                conns.retain(|h| !h.is_finished());
+                conns.retain(|(h, _)| !h.is_finished());
                 if shared.active.load(Ordering::SeqCst) >= shared.limits.max_connections {
                     reject(stream, shared.limits.max_connections);
                     continue;
                 }
                 shared.active.fetch_add(1, Ordering::SeqCst);
                 let s = shared.clone();
+                let unblock = stream.try_clone().ok();
                 // A small stack: connection threads only frame bytes and run handlers; serde's
                 // recursion limit (128) bounds the depth of decoding.
                 let spawned = std::thread::Builder::new()
                     .name("rpc-conn".into())
                     .stack_size(1 << 20)
                     .spawn(move || {
-                        serve_connection(&s, stream);
+                        serve_connection(&s, &stream);
+                        // Shut down, not just drop: the acceptor holds a clone of this socket, and
+                        // the client must see the close now.
+                        let _ = stream.shutdown(std::net::Shutdown::Both);
                         s.active.fetch_sub(1, Ordering::SeqCst);
                     });
                 match spawned {
-                    Ok(h) => conns.push(h),
+                    Ok(h) => conns.push((h, unblock)),
                     Err(e) => {
                         shared.active.fetch_sub(1, Ordering::SeqCst);
                         log::warn!("rpc: cannot start a connection thread: {e}");
@@ -316,7 +321,12 @@ fn accept_loop(shared: &Arc<Shared>, listener: &RpcListener) {
             }
         }
     }
-    for h in conns {
+    // A thread blocked writing to a client that does not read would otherwise hold the stop
+    // for the whole write timeout.
+    for (h, stream) in conns {
+        if let Some(s) = stream {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
         let _ = h.join();
     }
 }
@@ -344,7 +354,7 @@ enum Close {
     Yes,
 }
 
-fn serve_connection(shared: &Shared, stream: UnixStream) {
+fn serve_connection(shared: &Shared, stream: &UnixStream) {
     let limits = shared.limits;
     if stream
         .set_read_timeout(Some(Duration::from_millis(250)))
@@ -358,7 +368,7 @@ fn serve_connection(shared: &Shared, stream: UnixStream) {
     let mut js = JsonStream::new(limits.max_request);
     let mut buf = vec![0u8; 64 * 1024];
     let mut last_byte = Instant::now();
-    let mut reader = &stream;
+    let (mut reader, mut writer) = (stream, stream);
     loop {
         if shared.stop.load(Ordering::Relaxed) {
             return;
@@ -368,8 +378,8 @@ fn serve_connection(shared: &Shared, stream: UnixStream) {
                 if let Some(r) = js.finish() {
                     let mut out = Vec::new();
                     let _slot = shared.slots.acquire(&shared.stop);
-                    if handle_value(shared, &stream, r, &mut out).is_ok() {
-                        let _ = (&stream).write_all(&out);
+                    if handle_value(shared, stream, r, &mut out).is_ok() {
+                        let _ = writer.write_all(&out);
                     }
                 }
                 return;
@@ -386,9 +396,9 @@ fn serve_connection(shared: &Shared, stream: UnixStream) {
                             return;
                         };
                         let Some(r) = js.next_value() else { break };
-                        handle_value(shared, &stream, r, &mut out)
+                        handle_value(shared, stream, r, &mut out)
                     };
-                    if (&stream).write_all(&out).is_err() || !matches!(close, Ok(Close::No)) {
+                    if writer.write_all(&out).is_err() || !matches!(close, Ok(Close::No)) {
                         return;
                     }
                 }
@@ -399,7 +409,7 @@ fn serve_connection(shared: &Shared, stream: UnixStream) {
                         "request incomplete after {:?} without data",
                         limits.partial_timeout
                     ));
-                    let _ = write_value(&stream, &jsonrpc::error_response(Value::Null, &err));
+                    let _ = write_value(stream, &jsonrpc::error_response(Value::Null, &err));
                     return;
                 }
             }
@@ -484,5 +494,96 @@ fn handle_value(
             }
             Ok(Close::No)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn server(name: &str, limits: Limits) -> (RpcServer, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("hp-server-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let mut reg = Registry::new();
+        reg.register("big", |_| Ok(Value::String("x".repeat(4 << 20))));
+        reg.register("echo", Ok);
+        (
+            RpcServer::start(RpcListener::bind(&path).unwrap(), Arc::new(reg), limits).unwrap(),
+            path,
+        )
+    }
+
+    fn ask(path: &Path, req: &str) -> Value {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut js = JsonStream::new(1 << 30);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed without an answer");
+            js.feed(&buf[..n]);
+            if let Some(v) = js.next_value() {
+                return v.unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn connection_cap_and_prompt_stop_with_a_client_that_never_reads() {
+        let (srv, path) = server(
+            "cap",
+            Limits {
+                max_connections: 2,
+                ..Limits::default()
+            },
+        );
+        assert_eq!(
+            ask(
+                &path,
+                r#"{"jsonrpc":"2.0","id":1,"method":"echo","params":{"a":1}}"#
+            )["result"],
+            json!({"a": 1})
+        );
+        // The first client's thread ends on its own; wait so the cap is all the hogs'.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while srv.connections() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Two clients that ask for 40 MiB of answers and never read them.
+        let hogs: Vec<UnixStream> = (0..2)
+            .map(|_| {
+                let mut s = UnixStream::connect(&path).unwrap();
+                for _ in 0..10 {
+                    s.write_all(br#"{"jsonrpc":"2.0","id":1,"method":"big"}"#)
+                        .unwrap();
+                }
+                s
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while srv.connections() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let v = ask(&path, r#"{"jsonrpc":"2.0","id":1,"method":"echo"}"#);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("too many connections"),
+            "{v}"
+        );
+        let t = Instant::now();
+        srv.stop();
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "stop waited {:?} for blocked writers",
+            t.elapsed()
+        );
+        assert!(!path.exists(), "socket removed at stop");
+        drop(hogs);
     }
 }

@@ -388,6 +388,7 @@ fn protocol_errors_abuse_and_bounded_memory() {
     );
     hp.stop();
     assert!(!sock.exists(), "the socket is removed at exit");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn spdk_rpc() -> Option<PathBuf> {
@@ -498,6 +499,7 @@ fn spdk_rpc_client_drives_hostplane() {
     );
     assert!(!o.status.success() && all.contains("-32601"), "{all}");
     hp.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn cli(sock: &Path, args: &[&str]) -> Output {
@@ -574,6 +576,7 @@ fn save_config_restart_with_json_gives_the_same_state() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("local_mac"), "{err}");
     assert!(!sock.exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -637,4 +640,5 @@ fn socket_is_private_and_exclusive() {
         );
     }
     hp.stop();
+    let _ = std::fs::remove_dir_all(&dir);
 }

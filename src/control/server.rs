@@ -585,5 +585,6 @@ mod tests {
         );
         assert!(!path.exists(), "socket removed at stop");
         drop(hogs);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

@@ -21,6 +21,8 @@ pub enum Command {
     /// Benchmarks that print a ratio against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Call a JSON-RPC method on a running hostplane: `rpc macnat_list --limit 10`.
+    Rpc(RpcArgs),
     /// Print hostplane's and DPDK's versions.
     Version,
 }
@@ -56,12 +58,47 @@ pub struct RunArgs {
     /// Stop after S seconds (default: run until SIGINT/SIGTERM).
     #[arg(long, value_name = "S")]
     pub duration: Option<f64>,
+    /// JSON-RPC socket (mode 0600). Another live hostplane on it is an error; a stale one is removed.
+    #[arg(short = 'r', long, value_name = "PATH", env = "HOSTPLANE_RPC_SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
+    pub rpc_socket: PathBuf,
+    /// Replay a saved config (SPDK save_config format) at startup. Its macnat subsystem
+    /// replaces the [[macnat]] entries of --config.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
     /// Print counters every S seconds (0 = only the summary at exit).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     pub stats_interval: f64,
     /// Lcores and EAL arguments.
     #[command(flatten)]
     pub eal: EalArgs,
+}
+
+/// `hostplane rpc`.
+#[derive(Args, Debug)]
+pub struct RpcArgs {
+    /// Control socket.
+    #[arg(short = 's', long = "socket", value_name = "SOCK", env = "HOSTPLANE_RPC_SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Seconds to wait for the answer.
+    #[arg(
+        short = 't',
+        long = "timeout",
+        value_name = "S",
+        default_value_t = 60.0
+    )]
+    pub timeout: f64,
+    /// Send this request (or batch) as is: `--json '{"method":"macnat_list","params":{"limit":5}}'`.
+    #[arg(long, value_name = "JSON", conflicts_with = "method")]
+    pub json: Option<String>,
+    /// Method name.
+    pub method: Option<String>,
+    /// Params as `--name value` pairs (`-` in names becomes `_`; JSON values are parsed).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "--NAME VALUE"
+    )]
+    pub params: Vec<String>,
 }
 
 /// `hostplane bench ...`.

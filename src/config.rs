@@ -246,7 +246,12 @@ impl Config {
                 None => return Err(field("net.flood_port", format!("no port is named {f:?}"))),
             }
         }
+        // Without [[port]] the ports come from the command line (vdevs): names are resolved
+        // when the dataplane starts; check everything else now.
         self.macnat_entries(|name| {
+            if self.ports.is_empty() {
+                return Some(0);
+            }
             self.ports
                 .iter()
                 .position(|p| p.name == name && p.role == PortRole::Vm)

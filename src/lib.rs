@@ -2,11 +2,13 @@
 //!
 //! - [`env`]: the only code that calls DPDK (EAL, lcores, mempools, mbufs, ethdev, rings).
 //! - [`net`]: frame parsing and MAC-NAT, the table, the poll-mode lcore loop.
+//! - [`control`]: the JSON-RPC control socket, `hostplane rpc`, config save/load.
 //! - [`config`], [`lcores`], [`cli`], [`runtime`]: configuration and the `run` command.
 
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod env;
 pub mod lcores;
 pub mod net;

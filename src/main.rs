@@ -9,6 +9,17 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => hostplane::runtime::run(&args),
         Command::Bench(BenchCommand::Macnat(args)) => hostplane::bench::macnat(&args),
+        Command::Rpc(args) => {
+            let timeout = std::time::Duration::from_secs_f64(args.timeout.max(0.001));
+            hostplane::control::client::run(
+                &args.socket,
+                args.method.as_deref(),
+                &args.params,
+                args.json.as_deref(),
+                timeout,
+            )
+            .map_err(|e| e.into())
+        }
         Command::Version => {
             println!("hostplane {}", env!("CARGO_PKG_VERSION"));
             println!("{}", hostplane::env::dpdk_version());

@@ -3,6 +3,8 @@
 
 use crate::cli::{EalArgs, RunArgs};
 use crate::config::{Config, ConfigError, LcorePlan};
+use crate::control::methods::net::NetControl;
+use crate::control::{self, JsonConfig, Registry, RpcListener, RpcServer};
 use crate::env::ethdev::{RxQueue, TxQueue};
 use crate::env::lcore::{self, LcoreHandle};
 use crate::env::{Eal, EthPort, Mempool, PortConfig};
@@ -11,7 +13,7 @@ use crate::net::macnat::MacNatTable;
 use crate::net::nat::Policy;
 use crate::net::stats::{CountersSnapshot, LcoreCounters};
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,7 +176,11 @@ impl Dataplane {
         let find_port = |name: &str| {
             ports
                 .iter()
-                .find(|p| (p.name == name || p.device == name) && p.role == PortRole::Vm)
+                // Name, device name or id (saved configs use names; hand-written ones may not).
+                .find(|p| {
+                    (p.name == name || p.device == name || p.id.to_string() == name)
+                        && p.role == PortRole::Vm
+                })
                 .map(|p| p.id)
         };
         let flood_port = match &cfg.net.flood_port {
@@ -278,6 +284,19 @@ impl Dataplane {
             handles,
             _eal: eal,
         })
+    }
+
+    /// The JSON-RPC methods of this dataplane: framework and network (storage joins later).
+    pub fn registry(&self) -> Registry {
+        let mut reg = Registry::new();
+        control::methods::framework::register(&mut reg, crate::env::tsc_hz(), self.lcores.clone());
+        let net = NetControl {
+            table: self.table.clone(),
+            ports: self.ports.clone(),
+            lcores: self.lcores.clone(),
+        };
+        control::methods::net::register(&mut reg, Arc::new(net));
+        reg
     }
 
     /// Sum of every lcore's counters.
@@ -416,7 +435,7 @@ impl Drop for Dataplane {
 
 /// `hostplane run`.
 pub fn run(args: &RunArgs) -> Result<(), Error> {
-    let (cfg, _tmp) = match &args.config {
+    let (mut cfg, _tmp) = match &args.config {
         Some(path) => (Config::load(path)?, None),
         // Ports given as vdevs on the command line: use them (first = uplink), no table.
         None if args
@@ -433,8 +452,36 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
             (cfg, Some(TempDir(dir)))
         }
     };
+    // Everything that can fail without EAL fails first: the saved config, the socket.
+    let saved = match &args.json {
+        Some(path) => Some(JsonConfig::read(path)?),
+        None => None,
+    };
+    if let Some(calls) = saved.as_ref().and_then(|s| s.subsystem("macnat")) {
+        cfg.macnat =
+            control::methods::net::startup_entries(calls.config.as_deref().unwrap_or_default())?;
+        log::info!(
+            "--json: {} MAC-NAT entries (replacing the config file's)",
+            cfg.macnat.len()
+        );
+        cfg.validate_static()?;
+    }
+    let listener = RpcListener::bind(&args.rpc_socket)?;
     crate::signals::install();
     let dp = Dataplane::start(&cfg, &args.eal)?;
+    let registry = Arc::new(dp.registry());
+    if let Some(saved) = &saved {
+        let n = registry.load(saved, &["macnat"]).map_err(|e| {
+            format!(
+                "--json {}: {}",
+                args.json.as_deref().unwrap_or(Path::new("")).display(),
+                e.message
+            )
+        })?;
+        log::info!("--json: replayed {n} calls");
+    }
+    let server = RpcServer::start(listener, registry, control::Limits::default())?;
+    log::info!("JSON-RPC on {}", server.path().display());
     let started = Instant::now();
     let interval = if args.stats_interval > 0.0 {
         Some(Duration::from_secs_f64(args.stats_interval))
@@ -472,6 +519,8 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     let elapsed = started.elapsed().as_secs_f64();
     let mut zero = Vec::new();
     let summary = dp.report(elapsed, elapsed, &mut zero);
+    // The RPC threads hold port and table handles: stop them before the ports.
+    server.stop();
     let totals = dp.stop()?;
     println!("=== summary after {elapsed:.1}s");
     print!("{summary}");

@@ -7,7 +7,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn hostplane() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hostplane"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hostplane"));
+    c.env("HOSTPLANE_RPC_SOCKET", common::rpc_socket("cli"));
+    c
 }
 
 fn eal(name: &str) -> Vec<String> {

@@ -23,6 +23,15 @@ pub fn eal_test_args(name: &str) -> Vec<String> {
     ]
 }
 
+/// A unique JSON-RPC socket path for one `hostplane run` (pass it with `-r` or as
+/// `HOSTPLANE_RPC_SOCKET`), so test processes running at once never share the default socket.
+pub fn rpc_socket(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("hp-{name}-{}-{n}.sock", std::process::id()))
+}
+
 /// A fresh temp dir for one test.
 pub fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("hp-{name}-{}", std::process::id()));

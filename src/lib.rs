@@ -2,6 +2,7 @@
 //!
 //! - [`env`]: the only code that calls DPDK (EAL, lcores, mempools, mbufs, ethdev, rings).
 //! - [`net`]: frame parsing and MAC-NAT, the table, the poll-mode lcore loop.
+//! - [`storage`]: reactors, the bdev layer and its backends, per-VM disk routing.
 //! - [`config`], [`lcores`], [`cli`], [`runtime`]: configuration and the `run` command.
 
 pub mod bench;
@@ -12,3 +13,4 @@ pub mod lcores;
 pub mod net;
 pub mod runtime;
 pub mod signals;
+pub mod storage;

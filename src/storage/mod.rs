@@ -12,6 +12,7 @@ pub mod bdev;
 pub mod client;
 pub mod file;
 pub mod malloc;
+pub mod nbd;
 pub mod null;
 pub mod reactor;
 pub mod registry;

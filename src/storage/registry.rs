@@ -32,6 +32,7 @@ impl BackendRegistry {
         r.register("malloc", super::malloc::BACKEND);
         r.register("null", super::null::BACKEND);
         r.register("file", super::file::BACKEND);
+        r.register("nbd", super::nbd::BACKEND);
         r
     }
 
@@ -112,7 +113,7 @@ mod tests {
         let r = BackendRegistry::with_builtin();
         let e = r.check("ceph", &Params::Null).unwrap_err().to_string();
         assert!(
-            e.contains("ceph") && e.contains("malloc") && e.contains("file"),
+            e.contains("ceph") && e.contains("malloc") && e.contains("nbd"),
             "{e}"
         );
         assert!(r

@@ -10,6 +10,8 @@ use crate::net::dataplane::{NetLcore, PortRole};
 use crate::net::macnat::MacNatTable;
 use crate::net::nat::Policy;
 use crate::net::stats::{CountersSnapshot, LcoreCounters};
+use crate::storage::reactor::ReactorOptions;
+use crate::storage::routing::StorageRuntime;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,9 +46,14 @@ pub struct Dataplane {
     pub lcores: Vec<(u32, Arc<LcoreCounters>)>,
     stop: Arc<AtomicBool>,
     handles: Vec<LcoreHandle>,
+    /// The storage side (reactors and routed VM disks), when the config has one.
+    pub storage: Option<StorageRuntime>,
     // Dropped last: EAL cleanup after lcores are joined and ports stopped.
     eal: Eal,
 }
+
+/// What the network side started.
+type NetSide = (Vec<PortInfo>, MacNatTable, Vec<(u32, Arc<LcoreCounters>)>, Vec<LcoreHandle>);
 
 /// Free hugepages of the default size (0 when none are reserved).
 pub fn hugepages_free() -> u64 {
@@ -90,101 +97,118 @@ impl Dataplane {
         let args = eal_args(cfg, &plan, cli);
         log::info!("EAL arguments: {}", args.join(" "));
         let eal = Eal::init(&args)?;
-        for l in &plan.net {
-            if !eal.lcore_enabled(*l) {
-                return Err(ConfigError::Field { field: "net.lcores".into(), msg: format!("lcore {l} is not enabled in EAL") }.into());
+        for (name, set) in [("net.lcores", &plan.net), ("storage.lcores", &plan.storage)] {
+            if let Some(l) = set.iter().find(|l| !eal.lcore_enabled(**l)) {
+                return Err(ConfigError::Field { field: name.into(), msg: format!("lcore {l} is not enabled in EAL") }.into());
             }
         }
-
-        // Resolve ports: from the config, or every ethdev EAL created (first = uplink).
-        let mut ports = Vec::new();
-        if cfg.ports.is_empty() {
-            let all = EthPort::all();
-            if all.is_empty() {
-                return Err("no ports: give [[port]] entries in the config, or vdevs after `--` (e.g. -- --vdev net_null0 --vdev net_null1)".into());
-            }
-            for (i, p) in all.iter().enumerate() {
-                let role = if i == 0 { PortRole::Uplink } else { PortRole::Vm };
-                ports.push(PortInfo { id: p.id(), name: p.name(), device: p.name(), role, rx_queues: 0 });
-            }
-        } else {
-            let avail: Vec<String> = EthPort::all().iter().map(|p| p.name()).collect();
-            for (i, pc) in cfg.ports.iter().enumerate() {
-                let p = EthPort::by_name(&pc.device).map_err(|_| ConfigError::Field {
-                    field: format!("port[{i}].device"),
-                    msg: format!("no ethdev named {:?} (available: {})", pc.device, if avail.is_empty() { "none".into() } else { avail.join(", ") }),
-                })?;
-                ports.push(PortInfo { id: p.id(), name: pc.name.clone(), device: pc.device.clone(), role: pc.role, rx_queues: 0 });
-            }
-        }
-        let uplink = ports.iter().find(|p| p.role == PortRole::Uplink).map(|p| p.id).ok_or("no uplink port")?;
-        let max_id = ports.iter().map(|p| p.id as usize).max().unwrap_or(0);
-        if max_id >= crate::net::stats::MAX_PORTS {
-            return Err(format!("port id {max_id} is beyond the {} ports hostplane supports", crate::net::stats::MAX_PORTS).into());
-        }
-        let find_port = |name: &str| ports.iter().find(|p| (p.name == name || p.device == name) && p.role == PortRole::Vm).map(|p| p.id);
-        let flood_port = match &cfg.net.flood_port {
-            Some(n) => find_port(n),
-            None => ports.iter().find(|p| p.role == PortRole::Vm).map(|p| p.id),
-        };
-        let entries = cfg.macnat_entries(find_port)?;
-        let policy = Policy { uplink, flood_port, unknown_ip: cfg.net.unknown_ip, spoofed: cfg.net.spoofed, control: cfg.net.control };
-
-        // Queues: one rx queue per net lcore (as many as the driver allows) and one tx queue per
-        // net lcore on every port, so no two lcores ever share a queue.
-        let n = plan.net.len() as u16;
-        let nb_mbufs = (ports.len() as u32) * u32::from(n) * 2 * 1024 + 8192;
-        let pool = Mempool::pktmbuf("hp_mbufs", nb_mbufs, 256, 2048 + 128, -1)?;
-        let mut rx_by_lcore: Vec<Vec<(RxQueue, PortRole)>> = (0..n).map(|_| Vec::new()).collect();
-        let mut tx_by_lcore: Vec<Vec<Option<TxQueue>>> = (0..n).map(|_| (0..=max_id).map(|_| None).collect()).collect();
-        for p in ports.iter_mut() {
-            let dev = EthPort::from_id(p.id)?;
-            let (max_rx, max_tx) = dev.max_queues()?;
-            if max_tx < n {
-                return Err(format!("port {} ({}) supports {max_tx} tx queues; hostplane needs one per net lcore ({n}): use fewer net lcores", p.name, p.device).into());
-            }
-            let rxq = n.min(max_rx).max(1);
-            let pc = PortConfig { rx_queues: rxq, tx_queues: n, rx_desc: 1024, tx_desc: 1024, promiscuous: true };
-            let (rx, tx) = dev.configure(&pc, pool)?;
-            for (i, q) in rx.into_iter().enumerate() {
-                rx_by_lcore[i].push((q, p.role));
-            }
-            for (i, q) in tx.into_iter().enumerate() {
-                tx_by_lcore[i][p.id as usize] = Some(q);
-            }
-            dev.start()?;
-            p.rx_queues = rxq;
-            let link = dev.link();
-            let mac = dev.mac();
-            log::info!(
-                "port {} {} ({}, {}): {:?}, {} rx / {n} tx queues, mac {}, link {}",
-                p.id,
-                p.name,
-                p.device,
-                dev.driver(),
-                p.role,
-                rxq,
-                crate::net::packet::MacAddr(mac),
-                if link.up { format!("up {} Mbps", link.speed_mbps) } else { "down".into() }
-            );
-        }
-
-        let table = MacNatTable::new(&entries, plan.net.len())?;
         let stop = Arc::new(AtomicBool::new(false));
-        let mut lcores = Vec::new();
-        let mut handles = Vec::new();
-        for (i, (rx, tx)) in rx_by_lcore.into_iter().zip(tx_by_lcore).enumerate() {
-            let counters = Arc::new(LcoreCounters::default());
-            let reader = table.reader(i).ok_or("table has fewer reader slots than net lcores")?;
-            let worker = NetLcore { rx, tx, policy, table: reader, counters: counters.clone() };
-            let stop = stop.clone();
-            let lcore_id = plan.net[i];
-            handles.push(lcore::launch(lcore_id, move || worker.run(&stop))?);
-            lcores.push((lcore_id, counters));
+        // The network side is optional: a storage-only config has no net lcores.
+        let (ports, table, lcores, handles) = if plan.net.is_empty() { (Vec::new(), MacNatTable::new(&[], 1)?, Vec::new(), Vec::new()) } else { start_net(cfg, &plan, &stop)? };
+        let storage = if plan.storage.is_empty() {
+            None
+        } else {
+            let drain = Duration::from_millis(cfg.storage.drain_timeout_ms.unwrap_or(5000));
+            let opts = ReactorOptions { drain_timeout: drain, ..ReactorOptions::default() };
+            let st = StorageRuntime::start(&plan.storage, &cfg.vms, opts)?;
+            log::info!("storage: {} reactors on lcores {:?}, {} disks ({} failed)", st.reactors.len(), plan.storage, st.routing.disks.len(), st.routing.failed().count());
+            Some(st)
+        };
+        Ok(Dataplane { ports, table, lcores, stop, handles, storage, eal })
+    }
+}
+
+/// Starts ports and net lcores.
+fn start_net(cfg: &Config, plan: &LcorePlan, stop: &Arc<AtomicBool>) -> Result<NetSide, Error> {
+    // Resolve ports: from the config, or every ethdev EAL created (first = uplink).
+    let mut ports = Vec::new();
+    if cfg.ports.is_empty() {
+        let all = EthPort::all();
+        if all.is_empty() {
+            return Err("no ports: give [[port]] entries in the config, or vdevs after `--` (e.g. -- --vdev net_null0 --vdev net_null1)".into());
         }
-        Ok(Dataplane { ports, table, lcores, stop, handles, eal })
+        for (i, p) in all.iter().enumerate() {
+            let role = if i == 0 { PortRole::Uplink } else { PortRole::Vm };
+            ports.push(PortInfo { id: p.id(), name: p.name(), device: p.name(), role, rx_queues: 0 });
+        }
+    } else {
+        let avail: Vec<String> = EthPort::all().iter().map(|p| p.name()).collect();
+        for (i, pc) in cfg.ports.iter().enumerate() {
+            let p = EthPort::by_name(&pc.device).map_err(|_| ConfigError::Field {
+                field: format!("port[{i}].device"),
+                msg: format!("no ethdev named {:?} (available: {})", pc.device, if avail.is_empty() { "none".into() } else { avail.join(", ") }),
+            })?;
+            ports.push(PortInfo { id: p.id(), name: pc.name.clone(), device: pc.device.clone(), role: pc.role, rx_queues: 0 });
+        }
+    }
+    let uplink = ports.iter().find(|p| p.role == PortRole::Uplink).map(|p| p.id).ok_or("no uplink port")?;
+    let max_id = ports.iter().map(|p| p.id as usize).max().unwrap_or(0);
+    if max_id >= crate::net::stats::MAX_PORTS {
+        return Err(format!("port id {max_id} is beyond the {} ports hostplane supports", crate::net::stats::MAX_PORTS).into());
+    }
+    let find_port = |name: &str| ports.iter().find(|p| (p.name == name || p.device == name) && p.role == PortRole::Vm).map(|p| p.id);
+    let flood_port = match &cfg.net.flood_port {
+        Some(n) => find_port(n),
+        None => ports.iter().find(|p| p.role == PortRole::Vm).map(|p| p.id),
+    };
+    let entries = cfg.macnat_entries(find_port)?;
+    let policy = Policy { uplink, flood_port, unknown_ip: cfg.net.unknown_ip, spoofed: cfg.net.spoofed, control: cfg.net.control };
+
+    // Queues: one rx queue per net lcore (as many as the driver allows) and one tx queue per
+    // net lcore on every port, so no two lcores ever share a queue.
+    let n = plan.net.len() as u16;
+    let nb_mbufs = (ports.len() as u32) * u32::from(n) * 2 * 1024 + 8192;
+    let pool = Mempool::pktmbuf("hp_mbufs", nb_mbufs, 256, 2048 + 128, -1)?;
+    let mut rx_by_lcore: Vec<Vec<(RxQueue, PortRole)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut tx_by_lcore: Vec<Vec<Option<TxQueue>>> = (0..n).map(|_| (0..=max_id).map(|_| None).collect()).collect();
+    for p in ports.iter_mut() {
+        let dev = EthPort::from_id(p.id)?;
+        let (max_rx, max_tx) = dev.max_queues()?;
+        if max_tx < n {
+            return Err(format!("port {} ({}) supports {max_tx} tx queues; hostplane needs one per net lcore ({n}): use fewer net lcores", p.name, p.device).into());
+        }
+        let rxq = n.min(max_rx).max(1);
+        let pc = PortConfig { rx_queues: rxq, tx_queues: n, rx_desc: 1024, tx_desc: 1024, promiscuous: true };
+        let (rx, tx) = dev.configure(&pc, pool)?;
+        for (i, q) in rx.into_iter().enumerate() {
+            rx_by_lcore[i].push((q, p.role));
+        }
+        for (i, q) in tx.into_iter().enumerate() {
+            tx_by_lcore[i][p.id as usize] = Some(q);
+        }
+        dev.start()?;
+        p.rx_queues = rxq;
+        let link = dev.link();
+        let mac = dev.mac();
+        log::info!(
+            "port {} {} ({}, {}): {:?}, {} rx / {n} tx queues, mac {}, link {}",
+            p.id,
+            p.name,
+            p.device,
+            dev.driver(),
+            p.role,
+            rxq,
+            crate::net::packet::MacAddr(mac),
+            if link.up { format!("up {} Mbps", link.speed_mbps) } else { "down".into() }
+        );
     }
 
+    let table = MacNatTable::new(&entries, plan.net.len())?;
+    let mut lcores = Vec::new();
+    let mut handles = Vec::new();
+    for (i, (rx, tx)) in rx_by_lcore.into_iter().zip(tx_by_lcore).enumerate() {
+        let counters = Arc::new(LcoreCounters::default());
+        let reader = table.reader(i).ok_or("table has fewer reader slots than net lcores")?;
+        let worker = NetLcore { rx, tx, policy, table: reader, counters: counters.clone() };
+        let stop = stop.clone();
+        let lcore_id = plan.net[i];
+        handles.push(lcore::launch(lcore_id, move || worker.run(&stop))?);
+        lcores.push((lcore_id, counters));
+    }
+    Ok((ports, table, lcores, handles))
+}
+
+impl Dataplane {
     /// Sum of every lcore's counters.
     pub fn totals(&self) -> CountersSnapshot {
         let mut t = CountersSnapshot::default();
@@ -203,6 +227,9 @@ impl Dataplane {
                 failed.push(e);
             }
         }
+        if let Some(st) = self.storage.take() {
+            failed.extend(st.stop());
+        }
         let totals = self.totals();
         for p in &self.ports {
             if let Ok(dev) = EthPort::from_id(p.id) {
@@ -220,6 +247,12 @@ impl Dataplane {
     pub fn report(&self, elapsed: f64, dt: f64, prev: &mut Vec<CountersSnapshot>) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "--- t={elapsed:.1}s");
+        if let Some(st) = &self.storage {
+            s.push_str(&st.report(&mut Vec::new(), dt));
+        }
+        if self.lcores.is_empty() {
+            return s;
+        }
         let _ = writeln!(s, "  {:<8} {:>12} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>6}", "lcore", "rx", "tx", "rx-Mpps", "egress-nat", "ingress-nat", "untouched", "dropped", "busy%");
         prev.resize(self.lcores.len(), CountersSnapshot::default());
         let mut totals = CountersSnapshot::default();

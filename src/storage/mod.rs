@@ -16,6 +16,7 @@ pub mod nbd;
 pub mod null;
 pub mod reactor;
 pub mod registry;
+pub mod routing;
 
 pub use bdev::{Bdev, BdevError, BdevInfo, IoBuf, IoChannel, IoKind, IoRequest, IoStat, IoStatus};
 pub use reactor::{

@@ -470,7 +470,8 @@ struct ReactorEntry {
     runner: Option<Runner>,
 }
 
-/// The running reactors.
+/// The running reactors. With lcore reactors, drop (or stop) the set and every
+/// [`ReactorHandle`] before the [`Eal`](crate::env::Eal): their rings are freed with them.
 pub struct ReactorSet {
     reactors: Vec<ReactorEntry>,
 }

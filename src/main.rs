@@ -9,6 +9,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => hostplane::runtime::run(&args),
         Command::Bench(BenchCommand::Macnat(args)) => hostplane::bench::macnat(&args),
+        Command::Bench(BenchCommand::Bdev(args)) => hostplane::storage::bdevperf::bench(&args),
         Command::Version => {
             println!("hostplane {}", env!("CARGO_PKG_VERSION"));
             println!("{}", hostplane::env::dpdk_version());

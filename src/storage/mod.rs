@@ -9,6 +9,7 @@
 //! See docs/storage.md.
 
 pub mod bdev;
+pub mod bdevperf;
 pub mod client;
 pub mod file;
 pub mod malloc;

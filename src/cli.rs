@@ -106,6 +106,47 @@ pub struct RpcArgs {
 pub enum BenchCommand {
     /// MAC-NAT vs plain MAC swap on net_null, 64 B IPv4 frames, at 1 k and 1 M entries.
     Macnat(BenchMacnatArgs),
+    /// bdevperf-like: keep --qd IOs in flight per reactor on a bdev; optionally compare with fio.
+    Bdev(BenchBdevArgs),
+}
+
+/// `hostplane bench bdev`.
+#[derive(Args, Debug)]
+pub struct BenchBdevArgs {
+    /// The bdev: `TYPE:key=value,...`, e.g. `malloc:size_mib=1024` or
+    /// `file:path=/var/tmp/b.img,size_mib=1024` (see docs/storage.md for each type's keys).
+    #[arg(long, value_name = "SPEC", conflicts_with = "config")]
+    pub bdev: Option<String>,
+    /// Take the bdev from a config file's [[vm]] disks (with --disk VM/DISK).
+    #[arg(long, value_name = "FILE", requires = "disk")]
+    pub config: Option<PathBuf>,
+    /// The disk, as VM/DISK.
+    #[arg(long, value_name = "VM/DISK")]
+    pub disk: Option<String>,
+    /// Access pattern.
+    #[arg(long, value_enum, default_value = "randread")]
+    pub rw: crate::storage::bdevperf::Pattern,
+    /// Bytes per IO.
+    #[arg(long, default_value_t = 4096)]
+    pub bs: u64,
+    /// IOs in flight per reactor.
+    #[arg(long, default_value_t = 32)]
+    pub qd: usize,
+    /// Seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub time: f64,
+    /// Reactors (one job each).
+    #[arg(long, default_value_t = 1)]
+    pub reactors: usize,
+    /// Run reactors on plain threads instead of EAL lcores.
+    #[arg(long)]
+    pub threads: bool,
+    /// Then run `fio --ioengine=io_uring` on the same file (file bdevs) and print the ratio.
+    #[arg(long)]
+    pub fio: bool,
+    /// Extra EAL arguments after `--`.
+    #[arg(last = true, value_name = "EAL ARGS")]
+    pub eal: Vec<String>,
 }
 
 /// `hostplane bench macnat`.

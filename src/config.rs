@@ -24,6 +24,17 @@
 //! local_mac = "52:54:00:00:00:02"
 //! global_mac = "02:00:00:00:00:01"
 //! port = "vm0"
+//!
+//! [storage]
+//! lcores = "3"              # storage reactor lcores (see docs/storage.md for the defaults)
+//! vm_config = "vms.toml"    # more [[vm]] entries, from a file (relative to this one)
+//!
+//! [[vm]]                    # a VM and its disks; see docs/storage.md
+//! name = "vm1"
+//! [[vm.disk]]
+//! name = "root"
+//! system = "malloc"         # storage system: malloc | null | file | nbd
+//! params = { size_mib = 64 }
 //! ```
 
 use crate::lcores::{lcores_of_map, parse_lcore_list, parse_lcore_map};
@@ -31,6 +42,7 @@ use crate::net::dataplane::PortRole;
 use crate::net::macnat::MacNatEntry;
 use crate::net::nat::Disposition;
 use crate::net::packet::{IpKey, MacAddr};
+use crate::storage::routing::{VmFile, VmSection};
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -135,6 +147,18 @@ pub struct MacNatSection {
     pub port: String,
 }
 
+/// `[storage]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// Storage reactor lcores.
+    pub lcores: Option<String>,
+    /// A file of more `[[vm]]` entries (relative paths are relative to the config file).
+    pub vm_config: Option<std::path::PathBuf>,
+    /// How long a stopping reactor waits for in-flight IO before failing it (default 5000 ms).
+    pub drain_timeout_ms: Option<u64>,
+}
+
 /// The whole file.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,6 +175,12 @@ pub struct Config {
     /// Initial MAC-NAT entries.
     #[serde(default)]
     pub macnat: Vec<MacNatSection>,
+    /// Storage reactors.
+    #[serde(default)]
+    pub storage: StorageSection,
+    /// VMs and their disks (plus those of `storage.vm_config`, appended by [`Config::load`]).
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmSection>,
 }
 
 /// Lcores EAL will have, and which of them poll ports.
@@ -160,18 +190,29 @@ pub struct LcorePlan {
     pub eal: BTreeSet<u32>,
     /// The main lcore (stats, control).
     pub main: u32,
-    /// Worker lcores that run the net loop.
+    /// Worker lcores that run the net loop (empty: no network side).
     pub net: Vec<u32>,
+    /// Worker lcores that run storage reactors (empty: no storage side).
+    pub storage: Vec<u32>,
 }
 
 impl Config {
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
-            path: path.display().to_string(),
-            err,
-        })?;
-        Config::parse(&text, &path.display().to_string())
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.display().to_string(), err })?;
+        let mut cfg = Config::parse(&text, &path.display().to_string())?;
+        if let Some(v) = &cfg.storage.vm_config {
+            let vpath = if v.is_relative() { path.parent().unwrap_or(Path::new(".")).join(v) } else { v.clone() };
+            let extra = VmFile::load(&vpath).map_err(|m| field("storage.vm_config", m))?;
+            cfg.vms.extend(extra.vms);
+            cfg.validate_static()?;
+        }
+        Ok(cfg)
+    }
+
+    /// Whether the config asks for a storage side.
+    pub fn has_storage(&self) -> bool {
+        !self.vms.is_empty() || self.storage.lcores.is_some() || self.storage.vm_config.is_some()
     }
 
     /// Parses TOML text.
@@ -257,6 +298,10 @@ impl Config {
                 .position(|p| p.name == name && p.role == PortRole::Vm)
                 .map(|i| i as u16)
         })?;
+        if let Some(l) = &self.storage.lcores {
+            parse_lcore_list(l).map_err(|e| field("storage.lcores", e.to_string()))?;
+        }
+        crate::storage::routing::validate(&self.vms).map_err(|(f, m)| field(f, m))?;
         Ok(())
     }
 
@@ -348,37 +393,62 @@ impl Config {
             None => *eal.first().ok_or_else(|| field("-l", "no lcores"))?,
         };
         let workers: Vec<u32> = eal.iter().copied().filter(|l| *l != main).collect();
-        let net = match &self.net.lcores {
+        let check = |name: &str, set: &BTreeSet<u32>| -> Result<(), ConfigError> {
+            for id in set {
+                if !eal.contains(id) {
+                    return Err(field(name, format!("lcore {id} is not in the EAL lcore set {}", crate::lcores::format_lcore_list(&eal))));
+                }
+                if *id == main {
+                    return Err(field(name, format!("lcore {id} is the main lcore; {name} must be workers")));
+                }
+            }
+            Ok(())
+        };
+        let storage_given = match &self.storage.lcores {
+            Some(l) => {
+                let set = parse_lcore_list(l).map_err(|e| field("storage.lcores", e.to_string()))?;
+                check("storage.lcores", &set)?;
+                Some(set)
+            }
+            None => None,
+        };
+        let has_storage = self.has_storage();
+        let mut net: Vec<u32> = match &self.net.lcores {
             Some(l) => {
                 let set = parse_lcore_list(l).map_err(|e| field("net.lcores", e.to_string()))?;
-                for id in &set {
-                    if !eal.contains(id) {
-                        return Err(field(
-                            "net.lcores",
-                            format!(
-                                "lcore {id} is not in the EAL lcore set {}",
-                                crate::lcores::format_lcore_list(&eal)
-                            ),
-                        ));
-                    }
-                    if *id == main {
-                        return Err(field(
-                            "net.lcores",
-                            format!("lcore {id} is the main lcore; net lcores must be workers"),
-                        ));
-                    }
-                }
+                check("net.lcores", &set)?;
                 set.into_iter().collect()
             }
-            None => workers,
+            // A storage-only config: no [[port]], no net.lcores.
+            None if has_storage && self.ports.is_empty() => Vec::new(),
+            None => workers.iter().copied().filter(|l| storage_given.as_ref().is_none_or(|s| !s.contains(l))).collect(),
         };
-        if net.is_empty() {
+        let storage: Vec<u32> = match storage_given {
+            Some(s) => s.into_iter().collect(),
+            None if !has_storage => Vec::new(),
+            None if self.net.lcores.is_some() || net.is_empty() => workers.iter().copied().filter(|l| !net.contains(l)).collect(),
+            // Net and storage both by default: the last worker becomes the storage reactor.
+            None if net.len() >= 2 => net.pop().into_iter().collect(),
+            None => {
+                return Err(field(
+                    "storage.lcores",
+                    format!("net and storage need a worker lcore each (EAL lcores {}, main {main}): give more lcores, or set net.lcores and storage.lcores", crate::lcores::format_lcore_list(&eal)),
+                ))
+            }
+        };
+        if let Some(l) = net.iter().find(|l| storage.contains(l)) {
+            return Err(field("storage.lcores", format!("lcore {l} is also a net lcore")));
+        }
+        if has_storage && storage.is_empty() {
+            return Err(field("storage.lcores", format!("no worker lcore left for storage reactors (EAL lcores {}, main {main})", crate::lcores::format_lcore_list(&eal))));
+        }
+        if net.is_empty() && storage.is_empty() {
             return Err(field(
                 "net.lcores",
                 format!("no worker lcore to poll ports (EAL lcores {}, main {main}): give at least two lcores, e.g. -l 0-1", crate::lcores::format_lcore_list(&eal)),
             ));
         }
-        Ok(LcorePlan { eal, main, net })
+        Ok(LcorePlan { eal, main, net, storage })
     }
 }
 
@@ -456,6 +526,31 @@ role = "vm"
             .unwrap_err()
             .to_string()
             .contains("worker"));
+    }
+
+    #[test]
+    fn storage_lcores() {
+        let vm = "[[vm]]\nname = \"a\"\n[[vm.disk]]\nname = \"d\"\nsystem = \"malloc\"\nparams = { size_mib = 1 }\n";
+        // Storage only: every worker is a reactor, no net lcores.
+        let c = Config::parse(&format!("[eal]\nlcores = \"0-2\"\n{vm}"), "t").unwrap();
+        let p = c.lcore_plan(None, None, None).unwrap();
+        assert_eq!((p.net.clone(), p.storage.clone()), (vec![], vec![1, 2]));
+        // Net and storage by default: the last worker is the reactor.
+        let c = Config::parse(&format!("[eal]\nlcores = \"0-2\"\n{PORTS}\n{vm}"), "t").unwrap();
+        let p = c.lcore_plan(None, None, None).unwrap();
+        assert_eq!((p.net.clone(), p.storage.clone()), (vec![1], vec![2]));
+        assert!(c.lcore_plan(Some("0-1"), None, None).unwrap_err().to_string().contains("storage.lcores"));
+        // Explicit.
+        let c = Config::parse(&format!("[eal]\nlcores = \"0-3\"\n[storage]\nlcores = \"1\"\n{PORTS}"), "t").unwrap();
+        let p = c.lcore_plan(None, None, None).unwrap();
+        assert_eq!((p.net.clone(), p.storage.clone()), (vec![2, 3], vec![1]));
+        let c = Config::parse("[eal]\nlcores = \"0-3\"\n[storage]\nlcores = \"1\"\n[net]\nlcores = \"1-2\"", "t").unwrap();
+        assert!(c.lcore_plan(None, None, None).unwrap_err().to_string().contains("also a net lcore"));
+        let c = Config::parse("[storage]\nlcores = \"0\"", "t").unwrap();
+        assert!(c.lcore_plan(Some("0-1"), None, None).unwrap_err().to_string().contains("main lcore"));
+        assert!(err_of("[storage]\nlanes = 1").contains("lanes"));
+        assert!(err_of("[[vm]]\nname = \"\"").contains("vm[0].name"));
+        assert!(err_of("[[vm]]\nname = \"a\"\n[[vm.disk]]\nname = \"d\"").contains("system"));
     }
 
     #[test]

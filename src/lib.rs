@@ -3,6 +3,7 @@
 //! - [`env`]: the only code that calls DPDK (EAL, lcores, mempools, mbufs, ethdev, rings).
 //! - [`net`]: frame parsing and MAC-NAT, the table, the poll-mode lcore loop.
 //! - [`control`]: the JSON-RPC control socket, `hostplane rpc`, config save/load.
+//! - [`storage`]: reactors, the bdev layer and its backends, per-VM disk routing.
 //! - [`config`], [`lcores`], [`cli`], [`runtime`]: configuration and the `run` command.
 
 pub mod bench;
@@ -14,3 +15,4 @@ pub mod lcores;
 pub mod net;
 pub mod runtime;
 pub mod signals;
+pub mod storage;

@@ -23,7 +23,7 @@ struct StorageDaemon {
 }
 
 impl StorageDaemon {
-    fn start(image: &Path, socket: &Path, num_queues: u16) -> StorageDaemon {
+    fn start(image: &Path, socket: &Path, num_queues: u16, writable: bool) -> StorageDaemon {
         let _ = std::fs::remove_file(socket);
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
@@ -34,8 +34,9 @@ impl StorageDaemon {
             .arg("--export")
             .arg(format!(
                 "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},\
-                 writable=on,num-queues={num_queues}",
-                socket.display()
+                 writable={},num-queues={num_queues}",
+                socket.display(),
+                if writable { "on" } else { "off" }
             ))
             .stdin(Stdio::null())
             .spawn()
@@ -80,27 +81,38 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn guest_fio_verify_over_qemu_storage_daemon() {
-    let t0 = Instant::now();
-    let images = match guest::images() {
-        Ok(i) => i,
-        Err(e) => return println!("skipped: {e}"),
-    };
+/// The guest images, or why this machine cannot run guests (the caller prints "skipped").
+fn guest_images() -> Result<guest::GuestImages, String> {
+    let images = guest::images().map_err(|e| e.to_string())?;
     if !guest::have_program("qemu-storage-daemon") {
-        return println!("skipped: qemu-storage-daemon not found");
+        return Err("qemu-storage-daemon not found".into());
     }
-    let build_time = t0.elapsed();
+    Ok(images)
+}
 
-    let dir = std::env::temp_dir().join(format!("hp-guest-harness-{}", std::process::id()));
+/// A fresh dir with a zeroed raw image of `DISK_BYTES`.
+fn scratch(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("hp-guest-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let image = dir.join("disk.raw");
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(DISK_BYTES))
         .expect("create image");
+    (dir, image)
+}
+
+#[test]
+fn guest_fio_verify_over_qemu_storage_daemon() {
+    let t0 = Instant::now();
+    let images = match guest_images() {
+        Ok(i) => i,
+        Err(e) => return println!("skipped: {e}"),
+    };
+    let build_time = t0.elapsed();
+    let (dir, image) = scratch("rw");
     let socket = dir.join("vhost.sock");
-    let _daemon = StorageDaemon::start(&image, &socket, 2);
+    let _daemon = StorageDaemon::start(&image, &socket, 2, true);
 
     let common = "--filename=/dev/vda --ioengine=libaio --iodepth=8 --direct=1 \
                   --verify=crc32c --do_verify=1 --size=16M";
@@ -203,4 +215,137 @@ fn guest_fio_verify_over_qemu_storage_daemon() {
         build_time.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// A read-only export: the guest sees the disk read-only, reads work, writes fail, and the host
+/// image is untouched. (The guest kernel refuses the writes itself; a backend's own read-only
+/// check needs a raw vhost-user frontend to be tested.)
+#[test]
+fn guest_readonly_disk_over_qemu_storage_daemon() {
+    let t0 = Instant::now();
+    let images = match guest_images() {
+        Ok(i) => i,
+        Err(e) => return println!("skipped: {e}"),
+    };
+    let (dir, image) = scratch("ro");
+    let socket = dir.join("vhost.sock");
+    let _daemon = StorageDaemon::start(&image, &socket, 1, false);
+
+    let script = [
+        job::disk_info("vda"),
+        job::run(
+            "ro.read",
+            "dd if=/dev/vda of=/dev/null bs=64k count=16 iflag=direct",
+        ),
+        job::write_file_at("ro.write", "/pattern.bin", "vda", 0),
+        job::fio(
+            "fio.ro",
+            "--name=w --filename=/dev/vda --rw=randwrite --bs=4k --size=1M --ioengine=libaio \
+             --direct=1",
+        ),
+    ]
+    .concat();
+    let out = Guest::launch(
+        &images,
+        GuestConfig {
+            vhost_sockets: vec![socket.clone()],
+            job: script,
+            files: vec![("/pattern.bin".into(), pattern(4096))],
+            timeout: Duration::from_secs(90),
+            ..Default::default()
+        },
+    )
+    .expect("launch guest")
+    .wait()
+    .unwrap_or_else(|e| panic!("guest run: {e}"));
+
+    let disk = out.disk("vda").expect("disk info");
+    println!("guest disk vda: {disk}");
+    assert!(disk.read_only, "VIRTIO_BLK_F_RO must show as ro");
+    assert_eq!(
+        out.int("ro.read.rc").ok(),
+        Some(0),
+        "reads work: {:?}",
+        out.blobs
+    );
+    assert_ne!(out.int("ro.write.rc").ok(), Some(0), "dd write must fail");
+    println!("dd write: {}", out.blobs["ro.write.stderr"].trim());
+    let fio = out.fio("fio.ro").expect("fio report");
+    assert!(fio.errors() > 0, "fio writes must fail on a read-only disk");
+    assert_eq!(fio.write_bytes(), 0);
+    let data = std::fs::read(&image).expect("read image");
+    assert!(data.iter().all(|&b| b == 0), "read-only image was modified");
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "guest boot {:.1} s, test total {:.1} s",
+        out.boot_time.unwrap_or_default().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// The pattern for "act on the host while the guest job runs": fio runs in the background,
+/// the host restarts the backend under it, then collects the result. Ignored by default:
+/// qemu-storage-daemon 7.2 has no inflight tracking, and QEMU's replay after a reconnect
+/// occasionally breaks the virtqueue (see PLATFORM-NOTES), so this is an example and a baseline
+/// (`cargo test --test guest_harness -- --ignored --nocapture`), not a gate.
+#[test]
+#[ignore]
+fn guest_fio_across_qemu_storage_daemon_restart() {
+    let images = match guest_images() {
+        Ok(i) => i,
+        Err(e) => return println!("skipped: {e}"),
+    };
+    let (dir, image) = scratch("restart");
+    let socket = dir.join("vhost.sock");
+    let mut daemon = StorageDaemon::start(&image, &socket, 1, true);
+    let script = [
+        job::fio_background(
+            "fio.long",
+            "--name=l --filename=/dev/vda --rw=randwrite --bs=4k --size=16M --ioengine=libaio \
+             --iodepth=8 --direct=1 --verify=crc32c --verify_backlog=512 --time_based \
+             --runtime=12",
+        ),
+        job::mark("fio.started"),
+        job::wait_background(),
+    ]
+    .concat();
+    let mut g = Guest::launch(
+        &images,
+        GuestConfig {
+            vhost_sockets: vec![socket.clone()],
+            job: script,
+            timeout: Duration::from_secs(90),
+            ..Default::default()
+        },
+    )
+    .expect("launch guest");
+    g.wait_for_result("fio.started", Duration::from_secs(60))
+        .expect("fio started");
+    std::thread::sleep(Duration::from_secs(3));
+    drop(daemon);
+    std::thread::sleep(Duration::from_millis(500));
+    daemon = StorageDaemon::start(&image, &socket, 1, true);
+    let out = g.wait().unwrap_or_else(|e| panic!("guest run: {e}"));
+    drop(daemon);
+    let fio = out.fio("fio.long").expect("fio report");
+    println!(
+        "fio across a restart: {} errors, max latency {:?} (the guest-visible stall)",
+        fio.errors(),
+        fio.max_lat()
+    );
+    fio.assert_clean();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The result channel's format, without QEMU.
+#[test]
+fn report_parsing() {
+    let text = "HP-RESULT a=1\r\nnoise\nHP-READY\nHP-BLOB-BEGIN b\n{\n x\n}\n\nHP-BLOB-END b\n\
+                HP-RESULT a=two words=and=equals\nHP-DONE\n";
+    let r = guest::Report::parse(text);
+    assert!(r.ready && r.done);
+    assert_eq!(r.get("a"), Some("two words=and=equals"), "last value wins");
+    assert_eq!(r.results.len(), 2);
+    assert_eq!(r.blobs["b"], "{\n x\n}\n");
+    assert!(r.get("missing").is_none());
 }

@@ -28,7 +28,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Kernel and base initramfs built (or found in the cache) by `tests/guest/build-initramfs`.
@@ -171,6 +171,9 @@ impl Default for GuestConfig {
 /// A running QEMU guest. Dropping it kills QEMU and removes its files (set `HP_GUEST_KEEP=1` to
 /// keep them).
 pub struct Guest {
+    /// Held for the guest's lifetime: TCG guests are CPU bound, so tests in one binary run their
+    /// guests one at a time (cargo runs test binaries one after another).
+    _slot: MutexGuard<'static, ()>,
     child: Option<Child>,
     status: Option<ExitStatus>,
     dir: PathBuf,
@@ -187,6 +190,9 @@ impl Guest {
     /// Starts QEMU and returns at once; the guest boots and runs its job in the background.
     pub fn launch(images: &GuestImages, cfg: GuestConfig) -> Result<Guest, GuestError> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
+        static SLOT: Mutex<()> = Mutex::new(());
+        // A test that panicked while holding the slot has already dropped its guest.
+        let slot = SLOT.lock().unwrap_or_else(|p| p.into_inner());
         let dir = std::env::temp_dir().join(format!(
             "hp-guest-{}-{}",
             std::process::id(),
@@ -275,6 +281,7 @@ impl Guest {
             .spawn()
             .map_err(io_err("spawn qemu-system-x86_64"))?;
         Ok(Guest {
+            _slot: slot,
             child: Some(child),
             status: None,
             dir,
@@ -434,7 +441,8 @@ pub struct Report {
 }
 
 impl Report {
-    fn parse(text: &str) -> Report {
+    /// Parses the result channel's text.
+    pub fn parse(text: &str) -> Report {
         let mut r = Report::default();
         let mut blob: Option<(String, String)> = None;
         for line in text.lines() {
@@ -536,6 +544,13 @@ impl Report {
                 write_bytes: j["write"]["io_bytes"].as_u64().unwrap_or(0),
                 read_ios: j["read"]["total_ios"].as_u64().unwrap_or(0),
                 write_ios: j["write"]["total_ios"].as_u64().unwrap_or(0),
+                max_lat: Duration::from_nanos(
+                    ["read", "write", "trim"]
+                        .iter()
+                        .filter_map(|d| j[d]["lat_ns"]["max"].as_u64())
+                        .max()
+                        .unwrap_or(0),
+                ),
             })
             .collect();
         Ok(FioReport {
@@ -600,6 +615,8 @@ pub struct FioJob {
     pub write_bytes: u64,
     pub read_ios: u64,
     pub write_ios: u64,
+    /// Longest completion latency of any IO: the guest-visible stall of a backend restart.
+    pub max_lat: Duration,
 }
 
 impl FioReport {
@@ -619,6 +636,15 @@ impl FioReport {
 
     pub fn read_bytes(&self) -> u64 {
         self.jobs.iter().map(|j| j.read_bytes).sum()
+    }
+
+    /// Longest IO latency over all jobs.
+    pub fn max_lat(&self) -> Duration {
+        self.jobs
+            .iter()
+            .map(|j| j.max_lat)
+            .max()
+            .unwrap_or_default()
     }
 
     /// Panics, with fio's stderr, unless the run had no errors and did some IO.

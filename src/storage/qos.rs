@@ -37,8 +37,19 @@
 //!
 //! See docs/qos.md for parameters, guarantees and the mapping to SPDK.
 
+mod alloc;
 mod bucket;
+mod class;
 mod clock;
+mod limits;
 
+pub use alloc::{
+    allocate, check_slice, DemandReport, Grant, InvalidSlice, Scratch, SliceAllocator, DEFAULT_SLICE_NS, MAX_SLICE_NS,
+    MIN_SLICE_NS,
+};
 pub use bucket::CreditBucket;
+pub use class::{ClassTable, ClassTableConfig, ClassTableError, QosClass, QuotaBasis, MAX_WEIGHT};
 pub use clock::{Clock, ManualClock, MonotonicClock, SliceTimer, NS_PER_SEC};
+pub use limits::{
+    DeviceCapacity, DiskLimits, Limit, QosLimitParams, Reservation, DEFAULT_BURST_NS, DEVICE_PS_PER_SEC, MIB,
+};

@@ -41,15 +41,20 @@ mod alloc;
 mod bucket;
 mod class;
 mod clock;
+mod device;
+mod disk;
 mod limits;
 
 pub use alloc::{
-    allocate, check_slice, DemandReport, Grant, InvalidSlice, Scratch, SliceAllocator, DEFAULT_SLICE_NS, MAX_SLICE_NS,
-    MIN_SLICE_NS,
+    allocate, check_slice, DemandReport, Grant, InvalidSlice, Scratch, SliceAllocator,
+    DEFAULT_SLICE_NS, MAX_SLICE_NS, MIN_SLICE_NS,
 };
 pub use bucket::CreditBucket;
 pub use class::{ClassTable, ClassTableConfig, ClassTableError, QosClass, QuotaBasis, MAX_WEIGHT};
 pub use clock::{Clock, ManualClock, MonotonicClock, SliceTimer, NS_PER_SEC};
+pub use device::{DeviceQos, DiskId, QosError};
+pub use disk::{Admission, ConfigError, DiskQos, DiskQosConfig, DiskQosStats, QosIo, QosOp};
 pub use limits::{
-    DeviceCapacity, DiskLimits, Limit, QosLimitParams, Reservation, DEFAULT_BURST_NS, DEVICE_PS_PER_SEC, MIB,
+    DeviceCapacity, DiskLimits, Limit, QosLimitParams, Reservation, DEFAULT_BURST_NS,
+    DEVICE_PS_PER_SEC, MIB,
 };

@@ -106,7 +106,7 @@ fn water_fill(cap: u128, w: &[u128], lo: &[u128], hi: &[u128], out: &mut [u128],
     let sum_lo: u128 = lo.iter().sum();
     if sum_lo >= cap {
         for (o, &l) in out.iter_mut().zip(lo) {
-            *o = if sum_lo == 0 { 0 } else { l * cap / sum_lo };
+            *o = (l * cap).checked_div(sum_lo).unwrap_or(0);
         }
         return;
     }

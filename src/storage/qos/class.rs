@@ -108,7 +108,7 @@ impl ClassTable {
                 weight: c.weight,
             });
         }
-        classes.sort_by(|a, b| a.min_quota.cmp(&b.min_quota));
+        classes.sort_by_key(|c| c.min_quota);
         if let Some(w) = classes
             .windows(2)
             .find(|w| w[0].min_quota == w[1].min_quota)

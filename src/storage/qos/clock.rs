@@ -149,7 +149,7 @@ mod tests {
         c.set(3);
         assert_eq!(c.now_ns(), 15);
         c.set(100);
-        assert_eq!((&c).now_ns(), 100);
+        assert_eq!(Clock::now_ns(&&c), 100); // via the blanket impl for &C
     }
 
     #[test]

@@ -44,6 +44,8 @@ mod clock;
 mod device;
 mod disk;
 mod limits;
+#[cfg(test)]
+mod sim;
 
 pub use alloc::{
     allocate, check_slice, DemandReport, Grant, InvalidSlice, Scratch, SliceAllocator,

@@ -73,10 +73,11 @@ impl CreditBucket {
     }
 
     /// Whether `n` units may be taken now (call [`CreditBucket::refill`] first): the bucket holds
-    /// `n`, or `n` exceeds the depth and the bucket is full.
+    /// `n`, or `n` exceeds the depth and the bucket is full. An empty bucket passes nothing, so
+    /// a depth-0 bucket (a zero device share) blocks everything but zero-sized requests.
     #[inline]
     pub fn can_consume(&self, n: u64) -> bool {
-        self.credits >= i128::from(n.min(self.depth)) * NANO
+        n == 0 || (self.credits > 0 && self.credits >= i128::from(n.min(self.depth)) * NANO)
     }
 
     /// Takes `n` units unconditionally (may go into debt). Pair with [`CreditBucket::can_consume`]
@@ -115,11 +116,15 @@ impl CreditBucket {
     pub fn wait_ns(&self, n: u64, now: u64) -> u64 {
         let earned = i128::from(now.saturating_sub(self.last_ns)) * i128::from(self.rate);
         let have = (self.credits + earned).min(i128::from(self.depth) * NANO);
-        let need = i128::from(n.min(self.depth)) * NANO - have;
+        if n == 0 {
+            return 0;
+        }
+        // As in `can_consume`: the credit must also be positive.
+        let need = (i128::from(n.min(self.depth)) * NANO).max(1) - have;
         if need <= 0 {
             return 0;
         }
-        if self.rate == 0 {
+        if self.rate == 0 || self.depth == 0 {
             return u64::MAX;
         }
         let rate = i128::from(self.rate);
@@ -193,6 +198,16 @@ mod tests {
         b.set_rate(1_000_000, 1_000_000, S / 10);
         b.refill(S / 10 + 1000);
         assert_eq!(b.available(), 6);
+    }
+
+    #[test]
+    fn zero_depth_or_rate_blocks() {
+        let b = CreditBucket::new(0, 0, 0);
+        assert!(!b.can_consume(1));
+        assert!(b.can_consume(0));
+        let mut b = CreditBucket::new(1000, 0, 0);
+        assert!(!b.try_consume(1, S));
+        assert_eq!(b.wait_ns(1, S), u64::MAX);
     }
 
     #[test]

@@ -84,7 +84,7 @@ struct Event {
     start: bool,
 }
 
-/// Reusable buffers for [`water_fill`] (so a steady-state allocation allocates nothing).
+/// Reusable buffers for [`allocate`] (so a steady-state allocation allocates nothing).
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
     events: Vec<Event>,

@@ -550,17 +550,24 @@ mod tests {
         assert_eq!(d.set_config(bad, 1), Err(ConfigError::Weight(0)));
     }
 
-    #[test]
-    fn device_share_gates_and_charges_device_time() {
+    const DEVICE_PS: u64 = super::super::limits::DEVICE_PS_PER_SEC;
+
+    /// A grant of `share` on a device that does 1000 IOPS (1 ms of device time per IO).
+    fn share_of_1000_iops_device(share: u64) -> Grant {
         let device = DeviceCapacity {
             ios_per_sec: 1000,
             bytes_per_sec: 0,
         };
-        let grant = Grant {
+        Grant {
             device,
             slice_ns: MS,
-            share: Some(DEVICE_PS / 2),
-        };
+            share: Some(share),
+        }
+    }
+
+    #[test]
+    fn device_share_gates_and_charges_device_time() {
+        let grant = share_of_1000_iops_device(DEVICE_PS / 2);
         let mut d: DiskQos<Io> = DiskQos::new(DiskQosConfig::default(), grant, 0).unwrap();
         // Half the device = 500 IOs/s; the bucket holds one slice (0.5 IO), so one IO passes
         // when full and the debt is paid back over 2 ms.
@@ -574,19 +581,9 @@ mod tests {
         assert_eq!(d.poll(2 * MS, &mut out), 1);
     }
 
-    const DEVICE_PS: u64 = super::super::limits::DEVICE_PS_PER_SEC;
-
     #[test]
     fn report_demand_limit_reservation() {
-        let device = DeviceCapacity {
-            ios_per_sec: 1000,
-            bytes_per_sec: 0,
-        };
-        let grant = Grant {
-            device,
-            slice_ns: MS,
-            share: Some(0),
-        };
+        let grant = share_of_1000_iops_device(0);
         let config = DiskQosConfig {
             limits: DiskLimits {
                 rw_ios: Limit {

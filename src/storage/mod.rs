@@ -5,6 +5,7 @@
 //! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`].
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
 //! - [`bdevperf`]: `hostplane bench bdev`.
+//! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
 //!
 //! See docs/storage.md.
 
@@ -15,6 +16,7 @@ pub mod file;
 pub mod malloc;
 pub mod nbd;
 pub mod null;
+pub mod qos;
 pub mod reactor;
 pub mod registry;
 pub mod routing;

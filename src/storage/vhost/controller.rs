@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 const MSG_BURST: usize = 32;
 /// Requests fetched per queue per poll at most.
 const RING_BURST: usize = 64;
+/// While idle, the socket (accept and messages) is looked at once per this many polls: a
+/// `recvmsg` that finds nothing costs more than polling every ring, and setup messages are rare.
+const SOCKET_EVERY: u32 = 32;
 /// How long GET_VRING_BASE waits for in-flight requests before replying anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -76,6 +79,8 @@ pub struct VhostBlkController {
         std::sync::Arc<super::memory::GuestMemory>,
     )>,
     stats: ControllerStats,
+    /// Polls until the socket is looked at again.
+    socket_countdown: u32,
 }
 
 impl VhostBlkController {
@@ -123,6 +128,7 @@ impl VhostBlkController {
             stale: 0,
             scratch: Vec::new(),
             stats: ControllerStats::default(),
+            socket_countdown: 0,
         })
     }
 
@@ -170,8 +176,18 @@ impl VhostBlkController {
     pub fn poll(&mut self) -> usize {
         let mut work = self.target.poll();
         work += self.drain_completions();
-        work += self.accept();
-        work += self.service_socket();
+        if self.socket_countdown == 0 {
+            let sock = self.accept() + self.service_socket();
+            let busy = sock > 0
+                || self
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.reader.partial() || c.draining.is_some());
+            self.socket_countdown = if busy { 0 } else { SOCKET_EVERY };
+            work += sock;
+        } else {
+            self.socket_countdown -= 1;
+        }
         if let Some(c) = self.conn.as_mut() {
             if self.stale == 0 && c.backend.stale == 0 && c.draining.is_none() {
                 let was_broken = c.backend.state.broken.is_some();

@@ -74,8 +74,6 @@ impl MappedRegion {
         {
             return Err(MemError::InvalidRegion("address + size overflows"));
         }
-        let map_len = usize::try_from(end_in_file)
-            .map_err(|_| MemError::InvalidRegion("region too large"))?;
         // A mapping past the end of a file faults (SIGBUS) on access: refuse it up front.
         // SAFETY: fstat writes into a zeroed stat we own.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -88,6 +86,16 @@ impl MappedRegion {
                 "region extends past the end of its file",
             ));
         }
+        // hugetlbfs mappings must be a whole number of huge pages (st_blksize) to be unmapped;
+        // the tail past the region is never accessed (translation checks against `size`).
+        let page = u64::try_from(st.st_blksize).unwrap_or(4096).max(4096);
+        let map_len = if page.is_power_of_two() {
+            end_in_file.div_ceil(page) * page
+        } else {
+            end_in_file
+        };
+        let map_len =
+            usize::try_from(map_len).map_err(|_| MemError::InvalidRegion("region too large"))?;
         // Map from file offset 0 so the offset need not be page-aligned (as libvhost-user does).
         // SAFETY: a fresh shared mapping of an fd we own; no existing memory is affected.
         let p = unsafe {

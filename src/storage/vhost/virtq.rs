@@ -271,6 +271,11 @@ impl Vring {
         st.outstanding = 0;
         st.generation = st.generation.wrapping_add(1);
         st.started = true;
+        if !self.event_idx {
+            // We poll: ask the driver not to kick (with EVENT_IDX, `pop` moves avail_event).
+            // SAFETY: used flags are the first bytes of the used ring (in the mapping).
+            unsafe { access::w16(map.used, VRING_USED_F_NO_NOTIFY) };
+        }
         if let Some(inf) = inflight {
             recover_inflight(st, &inf, st.size);
             map.inflight = Some(inf);
@@ -513,4 +518,66 @@ fn recover_inflight(st: &mut VringState, inf: &InflightQueue, size: u16) {
     st.last_avail_idx = st.used_idx.wrapping_add(pending.len() as u16);
     st.inflight_counter = pending.last().map_or(0, |&(c, _)| c + 1);
     st.resubmit = pending.into_iter().map(|(_, i)| i).collect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::vhost::memory::memfd;
+
+    /// A crash between publishing a used batch and clearing its inflight entries: recovery
+    /// clears the batch (walking `next` from `last_batch_head`), resumes at used + inflight, and
+    /// resubmits the rest in fetch order.
+    #[test]
+    fn recovery_fixes_the_last_batch_and_orders_by_counter() {
+        let qs = 8u16;
+        let fd = memfd("t", inflight_queue_stride(qs)).unwrap();
+        let map = Arc::new(SharedMapping::map(&fd, 0, inflight_queue_stride(qs)).unwrap());
+        let inf = InflightQueue::new(map, 0, qs).unwrap();
+        inf.set_header(INFLIGHT_VERSION, qs);
+        for (i, c) in [(1u16, 7u64), (3, 5), (5, 6), (6, 2)] {
+            inf.set_inflight(i, true);
+            inf.set_counter(i, c);
+        }
+        // Last batch: 6 then 3 (3 is the head of the list), used idx moved 10 → 12.
+        inf.set_next(6, 0);
+        inf.set_next(3, 6);
+        inf.set_last_batch_head(3);
+        inf.set_used_idx(10);
+        let mut st = VringState {
+            used_idx: 12,
+            last_avail_idx: 12,
+            ..VringState::default()
+        };
+        recover_inflight(&mut st, &inf, qs);
+        assert!(!inf.inflight(3) && !inf.inflight(6));
+        assert_eq!(inf.used_idx(), 12);
+        assert_eq!(st.resubmit, vec![5, 1]);
+        assert_eq!(st.last_avail_idx, 14);
+        assert_eq!(st.inflight_counter, 8);
+
+        // A fresh (zeroed) region is initialised and nothing is resubmitted.
+        let fd2 = memfd("t2", inflight_queue_stride(qs)).unwrap();
+        let map2 = Arc::new(SharedMapping::map(&fd2, 0, inflight_queue_stride(qs)).unwrap());
+        let inf2 = InflightQueue::new(map2, 0, qs).unwrap();
+        let mut st2 = VringState {
+            used_idx: 3,
+            last_avail_idx: 3,
+            ..VringState::default()
+        };
+        recover_inflight(&mut st2, &inf2, qs);
+        assert_eq!(inf2.version(), INFLIGHT_VERSION);
+        assert!(st2.resubmit.is_empty());
+        assert_eq!(st2.last_avail_idx, 3);
+    }
+
+    #[test]
+    fn inflight_layout_matches_spec() {
+        // align64(16 + 16 * queue_size): QEMU's 128-entry queue: 2064 → 2112.
+        assert_eq!(inflight_queue_stride(128), 2112);
+        assert_eq!(inflight_queue_stride(1), 64);
+        assert_eq!(inflight_queue_stride(2), 64);
+        assert_eq!(inflight_queue_stride(3), 64);
+        assert_eq!(inflight_queue_stride(4), 128);
+    }
 }

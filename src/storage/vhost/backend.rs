@@ -88,6 +88,8 @@ pub struct Backend {
     pub conn_gen: u64,
     /// Requests of earlier ring incarnations still at the target.
     pub stale: usize,
+    /// Requests resubmitted from the inflight region (reconnect recovery).
+    pub resubmitted: u64,
     name: String,
     segs: Vec<Seg>,
     done: Vec<Vec<(u16, u32)>>,
@@ -105,6 +107,7 @@ impl Backend {
             geo,
             conn_gen,
             stale: 0,
+            resubmitted: 0,
             name: name.to_string(),
             segs: Vec::with_capacity(256),
             done: vec![Vec::new(); n],
@@ -393,6 +396,7 @@ impl Backend {
                     v.state.enabled = true;
                 }
                 let st = &v.state;
+                self.resubmitted += st.resubmit.len() as u64;
                 info!(
                     "{}: ring {i} started: size {} avail {} used {} resubmit {}",
                     self.name,

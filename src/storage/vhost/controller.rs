@@ -53,6 +53,8 @@ pub struct ControllerStats {
     pub completed: u64,
     /// Times a device was marked broken (NEEDS_RESET).
     pub resets: u64,
+    /// Requests resubmitted from the inflight region after a reconnect.
+    pub resubmitted: u64,
 }
 
 struct Connection {
@@ -149,7 +151,9 @@ impl VhostBlkController {
 
     /// Counters.
     pub fn stats(&self) -> ControllerStats {
-        self.stats
+        let mut s = self.stats;
+        s.resubmitted += self.conn.as_ref().map_or(0, |c| c.backend.resubmitted);
+        s
     }
 
     /// Whether a front-end is connected.
@@ -266,6 +270,7 @@ impl VhostBlkController {
     fn disconnect(&mut self, why: &str) {
         if let Some(c) = self.conn.take() {
             info!("{}: front-end disconnected: {why}", self.cfg.name);
+            self.stats.resubmitted += c.backend.resubmitted;
             // Its requests still at the target hold back the next connection's rings.
             self.stale += c.backend.outstanding();
         }

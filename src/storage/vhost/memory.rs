@@ -74,18 +74,12 @@ impl MappedRegion {
         {
             return Err(MemError::InvalidRegion("address + size overflows"));
         }
-        // A mapping past the end of a file faults (SIGBUS) on access: refuse it up front.
-        // SAFETY: fstat writes into a zeroed stat we own.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fd is owned and open; st is valid for writes.
-        if unsafe { libc::fstat(info.fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(MemError::Map(io::Error::last_os_error()));
-        }
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG && (st.st_size as u64) < end_in_file {
-            return Err(MemError::InvalidRegion(
-                "region extends past the end of its file",
-            ));
-        }
+        let st = file_covers(&info.fd, end_in_file).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidInput => {
+                MemError::InvalidRegion("region extends past the end of its file")
+            }
+            _ => MemError::Map(e),
+        })?;
         // hugetlbfs mappings must be a whole number of huge pages (st_blksize) to be unmapped;
         // the tail past the region is never accessed (translation checks against `size`).
         let page = u64::try_from(st.st_blksize).unwrap_or(4096).max(4096);
@@ -184,6 +178,25 @@ impl GuestMemory {
     }
 }
 
+/// `fstat`s `fd` and checks that a regular file (memfd, hugetlbfs) reaches `end`: a mapping past
+/// the end of a file faults (SIGBUS) on access, so such a region is refused up front
+/// (`InvalidInput`).
+fn file_covers(fd: &OwnedFd, end: u64) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data; all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is open; st is valid for writes.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && (st.st_size as u64) < end {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "region extends past the end of its file",
+        ));
+    }
+    Ok(st)
+}
+
 /// Creates an anonymous shared-memory file of `len` bytes (zero-filled).
 pub fn memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
@@ -221,15 +234,10 @@ impl SharedMapping {
         if len == 0 || !offset.is_multiple_of(4096) {
             return Err(io::Error::other("bad inflight mapping size/offset"));
         }
-        // SAFETY: fstat into a zeroed stat we own.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fd is open; st valid for writes.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG && (st.st_size as u64) < offset + len as u64 {
-            return Err(io::Error::other("inflight region past the end of its file"));
-        }
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or_else(|| io::Error::other("inflight region size overflows"))?;
+        file_covers(fd, end)?;
         // SAFETY: a fresh shared mapping of an fd we hold.
         let p = unsafe {
             libc::mmap(

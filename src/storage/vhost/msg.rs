@@ -173,23 +173,11 @@ impl MsgReader {
     /// Reads what is available; `Ok(Some)` once a whole message is in, `Ok(None)` if the socket
     /// has nothing more for now.
     pub fn poll(&mut self, fd: RawFd) -> Result<Option<Message>, MsgError> {
-        loop {
-            if self.hdr_got < HDR_LEN {
-                let got = self.hdr_got;
-                let n = match recv_with_fds(fd, &mut self.hdr[got..], &mut self.fds) {
-                    Ok(0) => return Err(MsgError::Closed),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                self.hdr_got += n;
-                if self.fds.len() > MAX_FDS {
-                    return Err(MsgError::Malformed("too many fds"));
-                }
-                if self.hdr_got < HDR_LEN {
-                    continue;
-                }
+        while self.hdr_got < HDR_LEN {
+            if !fill(fd, &mut self.hdr, &mut self.hdr_got, &mut self.fds)? {
+                return Ok(None);
+            }
+            if self.hdr_got == HDR_LEN {
                 let hdr = Header::parse(&self.hdr);
                 if hdr.flags & 0x3 != VERSION {
                     return Err(MsgError::Malformed("unsupported protocol version"));
@@ -200,31 +188,46 @@ impl MsgReader {
                 self.body = vec![0u8; hdr.size as usize];
                 self.body_got = 0;
             }
-            if self.body_got < self.body.len() {
-                let got = self.body_got;
-                let n = match recv_with_fds(fd, &mut self.body[got..], &mut self.fds) {
-                    Ok(0) => return Err(MsgError::Closed),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                self.body_got += n;
-                if self.fds.len() > MAX_FDS {
-                    return Err(MsgError::Malformed("too many fds"));
-                }
-                continue;
+        }
+        while self.body_got < self.body.len() {
+            if !fill(fd, &mut self.body, &mut self.body_got, &mut self.fds)? {
+                return Ok(None);
             }
-            let msg = Message {
-                hdr: Header::parse(&self.hdr),
-                body: std::mem::take(&mut self.body),
-                fds: std::mem::take(&mut self.fds),
-            };
-            self.hdr_got = 0;
-            self.body_got = 0;
-            return Ok(Some(msg));
+        }
+        let msg = Message {
+            hdr: Header::parse(&self.hdr),
+            body: std::mem::take(&mut self.body),
+            fds: std::mem::take(&mut self.fds),
+        };
+        self.hdr_got = 0;
+        self.body_got = 0;
+        Ok(Some(msg))
+    }
+}
+
+/// One read into `buf[*got..]`; `Ok(false)` if the socket has nothing now.
+fn fill(
+    fd: RawFd,
+    buf: &mut [u8],
+    got: &mut usize,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<bool, MsgError> {
+    loop {
+        match recv_with_fds(fd, &mut buf[*got..], fds) {
+            Ok(0) => return Err(MsgError::Closed),
+            Ok(n) => {
+                *got += n;
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
         }
     }
+    if fds.len() > MAX_FDS {
+        return Err(MsgError::Malformed("too many fds"));
+    }
+    Ok(true)
 }
 
 /// Space for MAX_FDS (+ slack to detect excess) descriptors in a control message.

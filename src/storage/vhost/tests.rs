@@ -43,6 +43,23 @@ fn data_gpa(q: u16, k: u16) -> u64 {
     0x100000 + u64::from(q) * 0x80000 + u64::from(k) * 0x2000
 }
 
+/// Polls `cond` every millisecond; fails the test after 5 s.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The 16-byte discard / write-zeroes segment.
+fn range_segment(sector: u64, num: u32) -> Vec<u8> {
+    let mut seg = sector.to_le_bytes().to_vec();
+    seg.extend_from_slice(&num.to_le_bytes());
+    seg.extend_from_slice(&0u32.to_le_bytes());
+    seg
+}
+
 /// The test's view of guest memory.
 struct Guest {
     fd: OwnedFd,
@@ -146,15 +163,16 @@ impl Guest {
         self.read(hdr_gpa(q, k) + 16, 1)[0]
     }
     fn wait_used(&self, q: u16, n: u16) {
-        let t0 = Instant::now();
-        while self.used_idx(q) != n {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "queue {q}: used idx {} never reached {n}",
-                self.used_idx(q)
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until(&format!("queue {q}: used idx {n}"), || {
+            self.used_idx(q) == n
+        });
+    }
+    /// Submits a request in slot k, waits until it is used, returns its status byte.
+    fn io(&mut self, q: u16, k: u16, rtype: u32, sector: u64, data_len: u32) -> u8 {
+        let n = self.used_idx(q).wrapping_add(1);
+        self.request(q, k, rtype, sector, data_len);
+        self.wait_used(q, n);
+        self.status(q, k)
     }
 }
 
@@ -274,6 +292,7 @@ fn setup(
     queues: u16,
     inflight: Option<Option<(&VhostUserInflight, &std::fs::File)>>,
     base: u16,
+    event_idx: bool,
 ) -> (Conn, Option<(VhostUserInflight, std::fs::File)>) {
     let mut fe = connect(path, queues);
     fe.set_owner().unwrap();
@@ -288,7 +307,12 @@ fn setup(
     ] {
         assert_ne!(f & want, 0, "feature {want:#x} missing from {f:#x}");
     }
-    fe.set_features(f & !feat::RING_EVENT_IDX).unwrap();
+    let f = if event_idx {
+        f
+    } else {
+        f & !feat::RING_EVENT_IDX
+    };
+    fe.set_features(f).unwrap();
     let pf = fe.get_protocol_features().unwrap();
     let want = VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
@@ -364,7 +388,7 @@ fn negotiate_config_and_rw() {
         queues: 2,
     }]);
     let mut g = Guest::new(2);
-    let (mut c, _) = setup(&p, &g, 2, Some(None), 0);
+    let (mut c, _) = setup(&p, &g, 2, Some(None), 0, false);
 
     // GET_CONFIG as QEMU 7.2 does it: 57 bytes.
     let (_, cfg) =
@@ -388,50 +412,36 @@ fn negotiate_config_and_rw() {
     // Write 4 KiB at sector 8 on queue 1, read it back on queue 0.
     let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
     g.write(data_gpa(1, 0), &pattern);
-    let head = g.request(1, 0, req_type::OUT, 8, 4096);
-    g.wait_used(1, 1);
-    assert_eq!(g.status(1, 0), 0);
-    assert_eq!(g.used_elem(1, 0), (u32::from(head), 1));
+    assert_eq!(g.io(1, 0, req_type::OUT, 8, 4096), 0);
+    assert_eq!(g.used_elem(1, 0), (0, 1), "head 0, status byte only");
     let mut cnt = [0u8; 8];
     // SAFETY: reading 8 bytes from an eventfd we own into a local buffer.
     let r = unsafe { libc::read(c.calls[1].as_raw_fd(), cnt.as_mut_ptr().cast(), 8) };
     assert_eq!(r, 8, "call eventfd signalled");
 
-    g.request(0, 0, req_type::IN, 8, 4096);
-    g.wait_used(0, 1);
-    assert_eq!(g.status(0, 0), 0);
+    assert_eq!(g.io(0, 0, req_type::IN, 8, 4096), 0);
     assert_eq!(g.used_elem(0, 0).1, 4097);
     assert_eq!(g.read(data_gpa(0, 0), 4096), pattern);
     let disk = be.call(|c| c[0].1.snapshot(8 * 512, 4096));
     assert_eq!(disk, pattern);
 
     // GET_ID returns the serial.
-    g.request(0, 1, req_type::GET_ID, 0, 20);
-    g.wait_used(0, 2);
-    assert_eq!(g.status(0, 1), 0);
+    assert_eq!(g.io(0, 1, req_type::GET_ID, 0, 20), 0);
     assert_eq!(&g.read(data_gpa(0, 1), 5), b"disk0");
 
     // FLUSH, DISCARD, WRITE_ZEROES, unknown type, out of range.
-    g.request(0, 2, req_type::FLUSH, 0, 0);
-    g.wait_used(0, 3);
-    assert_eq!(g.status(0, 2), 0);
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&8u64.to_le_bytes());
-    seg.extend_from_slice(&4u32.to_le_bytes());
-    seg.extend_from_slice(&0u32.to_le_bytes());
-    g.write(data_gpa(0, 3), &seg);
-    g.request(0, 3, req_type::DISCARD, 0, 16);
-    g.wait_used(0, 4);
-    assert_eq!(g.status(0, 3), 0);
+    assert_eq!(g.io(0, 2, req_type::FLUSH, 0, 0), 0);
+    g.write(data_gpa(0, 3), &range_segment(8, 4));
+    assert_eq!(g.io(0, 3, req_type::DISCARD, 0, 16), 0);
     let disk = be.call(|c| c[0].1.snapshot(8 * 512, 4096));
     assert!(disk[..2048].iter().all(|&b| b == 0));
     assert_eq!(disk[2048..], pattern[2048..]);
-    g.request(0, 4, 99, 0, 0);
-    g.wait_used(0, 5);
-    assert_eq!(g.status(0, 4), 2, "unknown type → UNSUPP");
-    g.request(0, 5, req_type::IN, BLOCKS, 512);
-    g.wait_used(0, 6);
-    assert_eq!(g.status(0, 5), 1, "beyond capacity → IOERR");
+    assert_eq!(g.io(0, 4, 99, 0, 0), 2, "unknown type → UNSUPP");
+    assert_eq!(
+        g.io(0, 5, req_type::IN, BLOCKS, 512),
+        1,
+        "beyond capacity → IOERR"
+    );
 
     // GET_VRING_BASE stops the ring and returns the next avail index.
     assert_eq!(c.fe.get_vring_base(0).unwrap(), 6);
@@ -448,24 +458,14 @@ fn readonly_controller_rejects_writes() {
         queues: 1,
     }]);
     let mut g = Guest::new(1);
-    let (c, _) = setup(&p, &g, 1, None, 0);
+    let (c, _) = setup(&p, &g, 1, None, 0, false);
     let f = c.fe.get_features().unwrap();
     assert_ne!(f & feat::RO, 0);
     g.write(data_gpa(0, 0), &[0xab; 512]);
-    g.request(0, 0, req_type::OUT, 0, 512);
-    g.wait_used(0, 1);
-    assert_eq!(g.status(0, 0), 1);
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&0u64.to_le_bytes());
-    seg.extend_from_slice(&1u32.to_le_bytes());
-    seg.extend_from_slice(&0u32.to_le_bytes());
-    g.write(data_gpa(0, 1), &seg);
-    g.request(0, 1, req_type::WRITE_ZEROES, 0, 16);
-    g.wait_used(0, 2);
-    assert_ne!(g.status(0, 1), 0);
-    g.request(0, 2, req_type::IN, 0, 512);
-    g.wait_used(0, 3);
-    assert_eq!(g.status(0, 2), 0);
+    assert_eq!(g.io(0, 0, req_type::OUT, 0, 512), 1);
+    g.write(data_gpa(0, 1), &range_segment(0, 1));
+    assert_ne!(g.io(0, 1, req_type::WRITE_ZEROES, 0, 16), 0);
+    assert_eq!(g.io(0, 2, req_type::IN, 0, 512), 0);
     assert_eq!(
         be.call(|c| c[0].1.executed()),
         1,
@@ -482,22 +482,16 @@ fn second_connection_refused_and_reconnect_works() {
         queues: 1,
     }]);
     let mut g = Guest::new(1);
-    let (c, _) = setup(&p, &g, 1, None, 0);
+    let (c, _) = setup(&p, &g, 1, None, 0, false);
     let other = connect(&p, 1);
     assert!(other.get_features().is_err(), "second connection is closed");
     g.request(0, 0, req_type::IN, 0, 512);
     g.wait_used(0, 1);
     drop(c);
     // Wait for the disconnect, then a new connection works.
-    let t0 = Instant::now();
-    while be.call(|c| c[0].0.connected()) {
-        assert!(t0.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let (_c2, _) = setup(&p, &g, 1, None, 1);
-    g.request(0, 1, req_type::IN, 0, 512);
-    g.wait_used(0, 2);
-    assert_eq!(g.status(0, 1), 0);
+    wait_until("backend", || !be.call(|c| c[0].0.connected()));
+    let (_c2, _) = setup(&p, &g, 1, None, 1, false);
+    assert_eq!(g.io(0, 1, req_type::IN, 0, 512), 0);
     let st = be.call(|c| c[0].0.stats());
     assert_eq!((st.connections, st.refused), (2, 1));
     let mode = std::fs::metadata(&p).unwrap();
@@ -524,7 +518,7 @@ fn malicious_chains() {
         },
     ]);
     let mut good = Guest::new(1);
-    let (_cg, _) = setup(&pgood, &good, 1, None, 0);
+    let (_cg, _) = setup(&pgood, &good, 1, None, 0, false);
     let mut good_n = 0u16;
     let mut good_ok = |good: &mut Guest| {
         let k = good_n % 5;
@@ -638,7 +632,7 @@ fn malicious_chains() {
         g.write(hdr_gpa(0, 0), &h);
         g.write(hdr_gpa(0, 0) + 16, &[0xff, 0xff]);
         build(&g, t);
-        let (c, _) = setup(&pbad, &g, 1, None, 0);
+        let (c, _) = setup(&pbad, &g, 1, None, 0, false);
         g.push_avail(0, 0);
         // Either IOERR in the status byte (and the request used), or a device reset.
         let t0 = Instant::now();
@@ -662,11 +656,7 @@ fn malicious_chains() {
         }
         good_ok(&mut good);
         drop(c);
-        let t0 = Instant::now();
-        while be.call(|c| c[0].0.connected()) {
-            assert!(t0.elapsed() < Duration::from_secs(5));
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("backend", || !be.call(|c| c[0].0.connected()));
     }
     assert!(
         resets >= 2,
@@ -676,22 +666,16 @@ fn malicious_chains() {
     // Ring-level garbage: head index out of the table, and avail idx far ahead.
     for case in 0..2 {
         let mut g = Guest::new(1);
-        let (c, _) = setup(&pbad, &g, 1, None, 0);
+        let (c, _) = setup(&pbad, &g, 1, None, 0, false);
         if case == 0 {
             g.push_avail(0, 999);
         } else {
             g.write(avail_gpa(0) + 2, &500u16.to_le_bytes());
         }
-        let t0 = Instant::now();
-        while be.call(|c| c[0].0.broken().is_none()) {
-            assert!(t0.elapsed() < Duration::from_secs(5));
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("backend", || !be.call(|c| c[0].0.broken().is_none()));
         good_ok(&mut good);
         drop(c);
-        while be.call(|c| c[0].0.connected()) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("backend", || !be.call(|c| c[0].0.connected()));
         g.avail_idx[0] = 0;
     }
 
@@ -718,10 +702,8 @@ fn malicious_chains() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     good_ok(&mut good);
     let mut g = Guest::new(1);
-    let (_c, _) = setup(&pbad, &g, 1, None, 0);
-    g.request(0, 0, req_type::IN, 0, 512);
-    g.wait_used(0, 1);
-    assert_eq!(g.status(0, 0), 0);
+    let (_c, _) = setup(&pbad, &g, 1, None, 0, false);
+    assert_eq!(g.io(0, 0, req_type::IN, 0, 512), 0);
     let stats = be.call(|c| c[0].0.stats());
     assert!(stats.resets >= 4, "{stats:?}");
 }
@@ -738,7 +720,7 @@ fn inflight_resubmit_after_reconnect() {
     }]);
     be.call(|c| c[0].1.set_auto(false));
     let mut g = Guest::new(1);
-    let (c, region) = setup(&p, &g, 1, Some(None), 0);
+    let (c, region) = setup(&p, &g, 1, Some(None), 0, false);
     let (info, file) = region.unwrap();
 
     // Five writes of distinct patterns to distinct sectors.
@@ -773,17 +755,13 @@ fn inflight_resubmit_after_reconnect() {
 
     // "Crash": the connection drops, then the target aborts what it still had.
     drop(c);
-    let t0 = Instant::now();
-    while be.call(|c| c[0].0.connected()) {
-        assert!(t0.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until("backend", || !be.call(|c| c[0].0.connected()));
     assert_eq!(be.call(|c| c[0].1.abort_pending()), 3);
     let executed_before = be.call(|c| c[0].1.executed());
     assert_eq!(executed_before, 2);
 
     // Reconnect like QEMU: only SET_INFLIGHT_FD with the old region, vring base = used idx.
-    let (c2, _) = setup(&p, &g, 1, Some(Some((&info, &file))), g.used_idx(0));
+    let (c2, _) = setup(&p, &g, 1, Some(Some((&info, &file))), g.used_idx(0), false);
     let t0 = Instant::now();
     while be.call(|c| c[0].1.pending()) < 3 {
         assert!(
@@ -832,40 +810,8 @@ fn get_vring_base_drains_and_event_idx() {
         queues: 1,
     }]);
     let mut g = Guest::new(1);
-    let mut fe = connect(&p, 1);
-    fe.set_owner().unwrap();
-    let f = fe.get_features().unwrap();
-    fe.set_features(f).unwrap();
-    fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ)
-        .unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM_SIZE,
-        userspace_addr: UADDR,
-        mmap_offset: 0,
-        mmap_handle: g.fd.as_raw_fd(),
-    }])
-    .unwrap();
-    fe.set_vring_num(0, QS).unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QS,
-            queue_size: QS,
-            flags: 0,
-            desc_table_addr: UADDR + desc_gpa(0),
-            used_ring_addr: UADDR + used_gpa(0),
-            avail_ring_addr: UADDR + avail_gpa(0),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let (c, _) = setup(&p, &g, 1, None, 0, true);
+    let (fe, call) = (c.fe, &c.calls[0]);
     // used_event = 2: the driver wants an interrupt only once used idx passes 2.
     g.write(avail_gpa(0) + 4 + 2 * u64::from(QS), &2u16.to_le_bytes());
     let drain = |call: &EventFd| {
@@ -876,15 +822,15 @@ fn get_vring_base_drains_and_event_idx() {
     };
     g.request(0, 0, req_type::IN, 0, 512);
     g.wait_used(0, 1);
-    assert!(drain(&call), "first completion always signals");
+    assert!(drain(call), "first completion always signals");
     g.request(0, 1, req_type::IN, 0, 512);
     g.wait_used(0, 2);
     std::thread::sleep(Duration::from_millis(5));
-    assert!(!drain(&call), "used idx 2 does not pass used_event 2");
+    assert!(!drain(call), "used idx 2 does not pass used_event 2");
     g.request(0, 2, req_type::IN, 0, 512);
     g.wait_used(0, 3);
     std::thread::sleep(Duration::from_millis(5));
-    assert!(drain(&call), "used idx 3 passes used_event 2");
+    assert!(drain(call), "used idx 3 passes used_event 2");
     // avail_event keeps kicks off (we poll).
     assert_eq!(g.r16(used_gpa(0) + 4 + 8 * u64::from(QS)), 2);
 

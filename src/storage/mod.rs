@@ -5,6 +5,7 @@
 //! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`].
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
 //! - [`bdevperf`]: `hostplane bench bdev`.
+//! - [`vhost`]: vhost-user-blk controllers (own vhost-user back-end, split rings, inflight).
 //! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
 //!
 //! See docs/storage.md.
@@ -20,6 +21,7 @@ pub mod qos;
 pub mod reactor;
 pub mod registry;
 pub mod routing;
+pub mod vhost;
 
 pub use bdev::{Bdev, BdevError, BdevInfo, IoBuf, IoChannel, IoKind, IoRequest, IoStat, IoStatus};
 pub use reactor::{

@@ -24,7 +24,10 @@ fn main() {
     let search: Vec<PathBuf> = includes
         .iter()
         .cloned()
-        .chain([PathBuf::from("/usr/include"), PathBuf::from("/usr/local/include")])
+        .chain([
+            PathBuf::from("/usr/include"),
+            PathBuf::from("/usr/local/include"),
+        ])
         .collect();
     let has = |h: &str| search.iter().any(|d| d.join(h).is_file());
     for h in ["rbd/librbd.h", "rados/librados.h"] {

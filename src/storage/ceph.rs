@@ -154,6 +154,9 @@ impl Cluster {
             ("rados_osd_op_timeout", secs(t.osd_op)),
             // Discard must leave zeros behind (reads after an unmap), not skip partial objects.
             ("rbd_skip_partial_discard", "false".into()),
+            // A write completes when the OSDs have it, as on a disk without a volatile cache
+            // (librbd's writeback cache would acknowledge writes it may still lose).
+            ("rbd_cache", "false".into()),
         ];
         for (k, v) in defaults {
             if !key.config.contains_key(k) {

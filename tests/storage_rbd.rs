@@ -7,9 +7,11 @@
 mod ceph;
 mod common;
 
+use hostplane::control::methods::rbd::{self as rbd_methods, RbdBdevs};
 use hostplane::storage::ceph::Cluster as CephCluster;
 use hostplane::storage::client::{compare, verify_patterns, BdevClient, Op};
 use hostplane::storage::reactor::{ReactorOptions, ReactorSet};
+use hostplane::storage::routing::{Routing, VmFile};
 use hostplane::storage::{BackendRegistry, IoStatus};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -148,6 +150,47 @@ fn rbd_end_to_end() {
     let ca = BdevClient::open(&set.handle(0).unwrap(), &a).unwrap();
     assert_eq!(ca.read(0, 4096).unwrap(), model[..4096].to_vec());
     drop(ca);
+
+    // SPDK's RPC, with a key/value config instead of the file: its own cluster handle.
+    let mut rpc = hostplane::control::registry::Registry::new();
+    let table = Arc::new(RbdBdevs::default());
+    rbd_methods::register(&mut rpc, table.clone());
+    let name = rpc
+        .call(
+            "bdev_rbd_create",
+            json!({"pool_name": "rbd", "rbd_name": "a", "block_size": 4096, "user_id": null,
+                   "config": {"mon_host": cl.mon_host(), "auth_client_required": "none"},
+                   "uuid": null}),
+        )
+        .expect("bdev_rbd_create");
+    assert_eq!(name, json!("Ceph0"));
+    let r = table.get("Ceph0").unwrap();
+    assert_eq!((r.info().block_size, r.info().size()), (4096, SIZE));
+    assert_eq!(CephCluster::live(), 2);
+    assert_eq!(table.config_calls()[0].params["rbd_name"], "a");
+    drop(r);
+    assert_eq!(
+        rpc.call("bdev_rbd_delete", json!({"name": "Ceph0"}))
+            .unwrap(),
+        json!(true)
+    );
+    assert_eq!(CephCluster::live(), 1);
+
+    // Per-VM config naming rbd disks: a missing image fails alone, with its name.
+    let conf = cl.conf.display().to_string();
+    let vms: VmFile = toml::from_str(&format!(
+        "[[vm]]\nname = \"vm1\"\n[[vm.disk]]\nname = \"root\"\nsystem = \"rbd\"\n\
+         params = {{ pool_name = \"rbd\", rbd_name = \"a\", config_file = \"{conf}\" }}\n\
+         [[vm.disk]]\nname = \"gone\"\nsystem = \"rbd\"\n\
+         params = {{ pool = \"rbd\", image = \"nosuch\", config_file = \"{conf}\" }}\n"
+    ))
+    .unwrap();
+    let routing = Routing::build(&vms.vms, &reg, 1);
+    let (root, _) = routing.route("vm1", "root").expect("rbd disk routed");
+    assert_eq!(root.info().size(), SIZE);
+    let e = routing.failed().next().unwrap().bdev.as_ref().unwrap_err();
+    assert!(e.contains("rbd/nosuch"), "{e}");
+    drop(routing);
     drop(cb);
     drop(set);
     drop(a);

@@ -279,3 +279,10 @@ fn bench_against_rbd_bench() {
     // off (a broken data path), not on noise.
     assert!(ratio > 0.5, "ratio {ratio}");
 }
+
+/// Needs the vhost-user-blk backend (vhost branch, not merged yet): a QEMU guest (tests/guest)
+/// runs `fio --verify=crc32c` on a vhost-user-blk disk whose bdev is rbd, with the OSD stopped
+/// for 5 s mid-run; expected: 0 errors. Enable when `vhost_create_blk_controller` lands.
+#[test]
+#[ignore = "needs the vhost-user-blk backend (vhost branch)"]
+fn guest_fio_on_rbd_vhost_blk() {}

@@ -319,8 +319,7 @@ impl BdevBackend for RbdBackend {
             free: (0..n as u32).rev().collect(),
             waiting: VecDeque::new(),
             held: 0,
-            hold_ticks: (self.shared.io_timeout.as_nanos() as u128 * u128::from(hz) / 1_000_000_000)
-                as u64,
+            hold_ticks: (self.shared.io_timeout.as_nanos() * u128::from(hz) / 1_000_000_000) as u64,
             scan_ticks: hz / 100,
             next_scan: 0,
         }))

@@ -384,6 +384,10 @@ impl Dataplane {
             lcores: self.lcores.clone(),
         };
         control::methods::net::register(&mut reg, Arc::new(net));
+        control::methods::rbd::register(
+            &mut reg,
+            Arc::new(control::methods::rbd::RbdBdevs::default()),
+        );
         reg
     }
 

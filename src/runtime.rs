@@ -262,6 +262,10 @@ impl Dataplane {
         control::methods::framework::register(&mut reg, crate::env::tsc_hz(), self.lcores.clone());
         let net = NetControl { table: self.table.clone(), ports: self.ports.clone(), lcores: self.lcores.clone() };
         control::methods::net::register(&mut reg, Arc::new(net));
+        if let Some(st) = &self.storage {
+            let handles = (0..st.reactors.len()).filter_map(|i| st.reactors.handle(i)).collect();
+            control::methods::convert::register(&mut reg, crate::storage::convert::service::ConvertService::new(handles));
+        }
         reg
     }
 

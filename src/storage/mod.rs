@@ -4,6 +4,7 @@
 //! - [`bdev`]: the asynchronous block-device interface, requests, per-reactor IO channels, stats.
 //! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`].
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
+//! - [`convert`]: online format conversion (qcow2/vmdk/raw → raw) while the VM runs.
 //! - [`bdevperf`]: `hostplane bench bdev`.
 //! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
 //!
@@ -12,6 +13,7 @@
 pub mod bdev;
 pub mod bdevperf;
 pub mod client;
+pub mod convert;
 pub mod file;
 pub mod malloc;
 pub mod nbd;

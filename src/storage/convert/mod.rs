@@ -186,7 +186,8 @@ impl ConvertStats {
                 "paused"
             } else {
                 "converting"
-            },
+            }
+            .into(),
             grains_done: done,
             grains_total: self.total_grains,
             grain_size: self.grain_size,
@@ -212,7 +213,7 @@ impl ConvertStats {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ConvertStatus {
     /// `converting`, `paused` or `done`.
-    pub state: &'static str,
+    pub state: String,
     /// Grains converted.
     pub grains_done: u64,
     /// Grains in the disk.
@@ -557,3 +558,4 @@ impl Conversion {
 }
 
 pub mod service;
+pub mod tool;

@@ -80,6 +80,14 @@ pub fn sniff(path: &Path) -> std::io::Result<Option<SourceFormat>> {
     })
 }
 
+fn sniff_sparse_vmdk(path: &Path) -> bool {
+    let mut m = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut m))
+        .is_ok()
+        && &m == b"KDMV"
+}
+
 /// Data of one read.
 #[derive(Debug)]
 pub enum Chunk {
@@ -161,6 +169,39 @@ fn validate(img: &Image) -> std::io::Result<()> {
     Ok(())
 }
 
+/// qcow2 metadata outside the file (a truncated image) may read back as zeros through the
+/// storage layer, which would look like an empty disk: check the L1 table's L2 tables fit in the
+/// file. Only the header fields needed for that are read.
+fn check_qcow2_tables(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let flen = f.metadata()?.len();
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, m);
+    let mut h = [0u8; 72];
+    f.read_exact_at(&mut h, 0)?;
+    let be32 = |o: usize| u32::from_be_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    let be64 = |o: usize| (u64::from(be32(o)) << 32) | u64::from(be32(o + 4));
+    let cluster = 1u64 << be32(20).min(30);
+    let l1_entries = u64::from(be32(36));
+    let l1_off = be64(40);
+    if l1_off.saturating_add(l1_entries * 8) > flen || be64(48) >= flen {
+        return Err(bad(format!(
+            "qcow2 tables beyond the end of the file ({flen} bytes): truncated image"
+        )));
+    }
+    let mut l1 = vec![0u8; (l1_entries * 8) as usize];
+    f.read_exact_at(&mut l1, l1_off)?;
+    for e in l1.chunks_exact(8) {
+        let l2 = u64::from_be_bytes(e.try_into().unwrap_or([0; 8])) & 0x00ff_ffff_ffff_fe00;
+        if l2 != 0 && l2.saturating_add(cluster) > flen {
+            return Err(bad(format!(
+                "qcow2 L2 table at {l2} is beyond the end of the file ({flen} bytes): truncated image"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Whether the whole range maps to zeros (no data to read).
 fn maps_to_zero(img: &Image, offset: u64, len: u64) -> std::io::Result<bool> {
     let mut off = offset;
@@ -211,6 +252,13 @@ impl SourceReader {
     pub fn open(path: &Path, format: SourceFormat) -> Result<SourceReader, ConvertError> {
         let sniffed =
             sniff(path).map_err(|e| ConvertError::Source(format!("{}: {e}", path.display())))?;
+        if format == SourceFormat::Vmdk && sniff_sparse_vmdk(path) {
+            return Err(ConvertError::Source(format!(
+                "{}: sparse vmdk extents (monolithicSparse, streamOptimized) are not supported by \
+                 imago 0.2.6; only flat extents (qemu-img -o subformat=monolithicFlat)",
+                path.display()
+            )));
+        }
         match (format, sniffed) {
             (f, Some(s)) if f != s => {
                 return Err(ConvertError::Source(format!(
@@ -234,7 +282,14 @@ impl SourceReader {
         let thread = std::thread::Builder::new()
             .name("convert-src".into())
             .spawn(move || {
-                let img = match open_image(&p, format).and_then(|i| validate(&i).map(|_| i)) {
+                let checked = match format {
+                    SourceFormat::Qcow2 => check_qcow2_tables(&p),
+                    _ => Ok(()),
+                };
+                let img = match checked
+                    .and_then(|_| open_image(&p, format))
+                    .and_then(|i| validate(&i).map(|_| i))
+                {
                     Ok(i) => i,
                     Err(e) => {
                         let _ = ready_tx.send(Err(format!("{}: {e}", p.display())));

@@ -34,7 +34,7 @@ use std::time::Instant;
 pub(super) type Out = Rc<RefCell<VecDeque<(IoRequest, IoStatus)>>>;
 
 /// Background copies in flight at most (each up to [`BG_RUN_BYTES`]); 1 while VM IO is active.
-const BG_DEPTH: usize = 4;
+const BG_DEPTH: usize = 16;
 /// Bytes per background copy (consecutive grains read and written at once).
 const BG_RUN_BYTES: u64 = 1 << 20;
 /// Times a VM request re-tries after the copy it waited for failed, before it fails.

@@ -688,7 +688,7 @@ impl Core {
         let rate = self.stats.rate_bytes.load(Ordering::Relaxed);
         let now = self.clock.elapsed().as_nanos() as u64;
         if rate != self.bucket_rate {
-            self.bucket = CreditBucket::new(rate, BG_RUN_BYTES.max(self.grain) * 2, now);
+            self.bucket = CreditBucket::new_empty(rate, BG_RUN_BYTES.max(self.grain) * 2, now);
             self.bucket_rate = rate;
         }
         let depth = if self.ops.is_empty() { BG_DEPTH } else { 1 };

@@ -68,7 +68,7 @@ impl Bitmap {
 
     fn from_words(mut words: Vec<u64>, len: u64) -> Bitmap {
         words.resize(len.div_ceil(64) as usize, 0);
-        if len % 64 != 0 {
+        if !len.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last &= (1u64 << (len % 64)) - 1;
             }
@@ -126,7 +126,7 @@ impl Bitmap {
         let mut i = from;
         while i < self.len {
             let w = self.words[(i / 64) as usize];
-            if w == u64::MAX && i % 64 == 0 {
+            if w == u64::MAX && i.is_multiple_of(64) {
                 i += 64;
                 continue;
             }

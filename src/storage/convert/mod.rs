@@ -398,7 +398,7 @@ impl Conversion {
     ) -> Result<Conversion, ConvertError> {
         let bs = u64::from(params.block_size.max(1));
         let g = params.grain_size;
-        if g < bs || g % bs != 0 || g > (64 << 20) {
+        if g < bs || !g.is_multiple_of(bs) || g > (64 << 20) {
             return Err(ConvertError::Params(format!(
                 "grain_size {g}: must be a multiple of the block size ({bs}) and at most 64 MiB"
             )));

@@ -127,7 +127,7 @@ pub fn writer_target(seq: u64, disk: u64) -> (u64, u64) {
     // An odd multiplier is a permutation modulo a power of two; other sizes may repeat a slot,
     // which the checker tolerates (later writes win, both are logged).
     let slot = seq.wrapping_mul(0x9E37_79B1) % slots;
-    if seq % 4 == 0 {
+    if seq.is_multiple_of(4) {
         (slot * 65536, 65536.min(disk))
     } else {
         let blk = (seq.wrapping_mul(7919) >> 3) % 16;

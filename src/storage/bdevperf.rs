@@ -294,7 +294,7 @@ pub fn run_jobs(
         let (b, tx) = (bdev.clone(), tx.clone());
         let units = info.size() / bs;
         h.call(move |r| -> Result<(), String> {
-            let ch = b.open_channel().map_err(|e| e.to_string())?;
+            let ch = b.open_channel(r).map_err(|e| e.to_string())?;
             let job = Job {
                 ch,
                 done: Rc::new(RefCell::new(Vec::with_capacity(qd))),

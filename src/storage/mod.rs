@@ -5,7 +5,8 @@
 //! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`].
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
 //! - [`bdevperf`]: `hostplane bench bdev`.
-//! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
+//! - [`qos`]: credit buckets, classes from quota, per-slice allocation (pure logic).
+//! - [`qos_gate`]: QoS on the IO path: each bdev's limits and queue on its owner reactor.
 //!
 //! See docs/storage.md.
 
@@ -14,9 +15,11 @@ pub mod bdevperf;
 pub mod client;
 pub mod file;
 pub mod malloc;
+pub mod manager;
 pub mod nbd;
 pub mod null;
 pub mod qos;
+pub mod qos_gate;
 pub mod reactor;
 pub mod registry;
 pub mod routing;

@@ -16,13 +16,13 @@
 //! size, a write to a read-only bdev, or a missing/mis-sized buffer complete with an error status
 //! and bump a counter; no input makes this layer panic.
 
+use super::qos_gate::QosGate;
+use super::reactor::Reactor;
 use super::ticks;
 use serde::Serialize;
 use std::alloc::Layout;
 use std::collections::VecDeque;
 use std::ptr::NonNull;
-use super::qos_gate::QosGate;
-use super::reactor::Reactor;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 

@@ -730,8 +730,8 @@ impl StorageControl {
         Ok(Value::Array(v))
     }
 
-    /// `bdev_get_iostat`: `{tick_rate, ticks, bdevs: [...]}`.
-    pub fn iostat(&self, name: Option<&str>) -> Result<Value> {
+    /// `bdev_get_iostat`: `{tick_rate, ticks, bdevs: [...]}` for every bdev or those named.
+    pub fn iostat(&self, names: Option<&[String]>) -> Result<Value> {
         let st = self.state();
         let one = |e: &Entry| {
             let s = e.bdev.iostat();
@@ -750,15 +750,84 @@ impl StorageControl {
             }
             v
         };
-        let bdevs: Vec<Value> = match name {
-            Some(n) => vec![one(
-                st.bdevs
-                    .get(n)
-                    .ok_or_else(|| param("name", format!("no bdev named {n:?}")))?,
-            )],
+        let bdevs: Vec<Value> = match names {
+            Some(list) => list
+                .iter()
+                .map(|n| {
+                    st.bdevs
+                        .get(n)
+                        .map(one)
+                        .ok_or_else(|| param("name", format!("no bdev named {n:?}")))
+                })
+                .collect::<Result<_>>()?,
             None => st.bdevs.values().map(one).collect(),
         };
         Ok(json!({"tick_rate": super::ticks_hz(), "ticks": super::ticks(), "bdevs": bdevs}))
+    }
+
+    /// `bdev_io`: `count` reads or writes of `len` bytes, `qd` at a time, from `offset` on
+    /// (wrapping at the end), through a channel on the bdev's owner reactor, so QoS applies.
+    /// For operators and tests; not a benchmark.
+    pub fn io(
+        &self,
+        name: &str,
+        write: bool,
+        offset: u64,
+        len: u64,
+        count: u64,
+        qd: usize,
+    ) -> Result<Value> {
+        let (bdev, reactor) = self
+            .bdev(name)
+            .ok_or_else(|| param("name", format!("no bdev named {name:?}")))?;
+        let size = bdev.info().size();
+        let bs = u64::from(bdev.info().block_size);
+        if len == 0 || len % bs != 0 || len > size.min(16 << 20) {
+            return Err(param(
+                "length",
+                format!("{len} must be a non-zero multiple of the block size {bs}, at most 16 MiB and the bdev size"),
+            ));
+        }
+        if count > 1_000_000 {
+            return Err(param("count", "at most 1000000"));
+        }
+        let client = super::client::BdevClient::open(&self.handle(reactor)?, &bdev)
+            .map_err(|e| StorageError::Internal(e.to_string()))?;
+        let t0 = std::time::Instant::now();
+        let (mut ok, mut errors) = (0u64, 0u64);
+        let data = vec![0x5au8; len as usize];
+        let span = size / len * len;
+        let mut pending = std::collections::VecDeque::new();
+        let mut wait = |rx: crossbeam_channel::Receiver<super::client::Reply>| match rx
+            .recv_timeout(Duration::from_secs(30))
+        {
+            Ok((st, _)) if st.is_ok() => ok += 1,
+            _ => errors += 1,
+        };
+        for i in 0..count {
+            let off = (offset.saturating_add(i.saturating_mul(len))) % span.max(1);
+            let op = if write {
+                super::client::Op::Write {
+                    offset: off,
+                    data: data.clone(),
+                }
+            } else {
+                super::client::Op::Read { offset: off, len }
+            };
+            pending.push_back(client.submit(op));
+            if pending.len() >= qd.max(1) {
+                if let Some(rx) = pending.pop_front() {
+                    wait(rx);
+                }
+            }
+        }
+        for rx in pending {
+            wait(rx);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(
+            json!({"ios": ok, "errors": errors, "seconds": secs, "iops": ok as f64 / secs.max(1e-9)}),
+        )
     }
 
     /// QoS counters of one bdev (or all), from their owner reactors.
@@ -795,7 +864,9 @@ impl StorageControl {
             .iter()
             .map(|(n, d)| json!({"name": n, "ios_per_sec": d.capacity.ios_per_sec, "mbytes_per_sec": d.capacity.bytes_per_sec / MIB, "reactor": d.reactor}))
             .collect();
-        Ok(json!({"slice_us": self.slice_ns / 1000, "enabled": self.qos_enabled, "devices": devices, "bdevs": out}))
+        Ok(
+            json!({"slice_us": self.slice_ns / 1000, "enabled": self.qos_enabled, "devices": devices, "bdevs": out}),
+        )
     }
 
     /// `vm_attach`: creates a VM's disks (`vm/disk` bdevs), all or none. Attaching a VM that
@@ -972,11 +1043,28 @@ impl StorageControl {
                 continue;
             };
             calls.push((method.clone(), params.clone()));
+            // Limits as SPDK's own call; weight, reservation and device as hostplane's.
             let q = e.qos.section();
-            if q != DiskQosSection::default() {
-                let mut p = serde_json::to_value(&q).unwrap_or(json!({}));
-                p["name"] = json!(n);
-                calls.push(("bdev_qos_set_disk".into(), p));
+            let limits = DiskQosSection {
+                rw_ios_per_sec: q.rw_ios_per_sec,
+                rw_mbytes_per_sec: q.rw_mbytes_per_sec,
+                r_mbytes_per_sec: q.r_mbytes_per_sec,
+                w_mbytes_per_sec: q.w_mbytes_per_sec,
+                ..Default::default()
+            };
+            let rest = DiskQosSection {
+                weight: q.weight,
+                reservation_ios_per_sec: q.reservation_ios_per_sec,
+                reservation_mbytes_per_sec: q.reservation_mbytes_per_sec,
+                device: q.device.clone(),
+                ..Default::default()
+            };
+            for (method, part) in [("bdev_set_qos_limit", limits), ("bdev_qos_set_disk", rest)] {
+                if part != DiskQosSection::default() {
+                    let mut p = serde_json::to_value(&part).unwrap_or(json!({}));
+                    p["name"] = json!(n);
+                    calls.push((method.into(), p));
+                }
             }
         }
         for vm in st.vms.values() {
@@ -1138,13 +1226,15 @@ mod tests {
                 "bdev_qos_set_class_table",
                 "bdev_qos_set_device",
                 "bdev_malloc_create",
+                "bdev_set_qos_limit",
                 "bdev_qos_set_disk",
                 "vm_attach"
             ]
         );
         assert_eq!(calls[3].1["rw_ios_per_sec"], 1234);
-        assert_eq!(calls[3].1["device"], "d0");
-        assert_eq!(calls[4].1["disk"][0]["qos"]["rw_ios_per_sec"], 500);
+        assert_eq!(calls[4].1["device"], "d0");
+        assert_eq!(calls[4].1["weight"], 3);
+        assert_eq!(calls[5].1["disk"][0]["qos"]["rw_ios_per_sec"], 500);
         let st = c.qos_stats(Some("M1")).unwrap();
         assert_eq!(st["bdevs"][0]["weight"], 3);
         assert!(c.delete_device("d0").is_err());

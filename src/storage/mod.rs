@@ -4,7 +4,7 @@
 //! - [`bdev`]: the asynchronous block-device interface, requests, per-reactor IO channels, stats.
 //! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`].
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
-//! - [`bdevperf`]: `hostplane bench bdev`.
+//! - [`bdevperf`]: `hostplane bench bdev`; [`qosbench`]: `hostplane bench qos`.
 //! - [`qos`]: credit buckets, classes from quota, per-slice allocation (pure logic).
 //! - [`qos_gate`]: QoS on the IO path: each bdev's limits and queue on its owner reactor.
 //!
@@ -20,6 +20,7 @@ pub mod nbd;
 pub mod null;
 pub mod qos;
 pub mod qos_gate;
+pub mod qosbench;
 pub mod reactor;
 pub mod registry;
 pub mod routing;

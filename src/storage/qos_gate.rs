@@ -20,8 +20,8 @@
 
 use super::bdev::{IoKind, IoRequest};
 use super::qos::{
-    Clock, DemandReport, DeviceCapacity, DiskQos, DiskQosConfig, DiskQosStats, Grant, QosIo,
-    QosOp, SliceAllocator, SliceTimer, NS_PER_SEC,
+    Clock, DemandReport, DeviceCapacity, DiskQos, DiskQosConfig, DiskQosStats, Grant, QosIo, QosOp,
+    SliceAllocator, SliceTimer, NS_PER_SEC,
 };
 use super::reactor::{PollStatus, Poller, Reactor};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -153,7 +153,11 @@ impl QosDisk {
     /// fails them); other channels' IOs keep their order.
     fn detach(&mut self, slot: u32) -> Vec<IoRequest> {
         let s = slot as usize;
-        let mut mine: Vec<IoRequest> = self.ready.get_mut(s).map(std::mem::take).unwrap_or_default();
+        let mut mine: Vec<IoRequest> = self
+            .ready
+            .get_mut(s)
+            .map(std::mem::take)
+            .unwrap_or_default();
         if let Some(l) = self.live.get_mut(s) {
             *l = false;
         }
@@ -406,10 +410,14 @@ pub fn join_device(r: &mut Reactor, name: &str) -> Result<DeviceTicket, String> 
         .get_mut(name)
         .ok_or_else(|| format!("no QoS device {name:?}"))?;
     let (gtx, grx) = crossbeam_channel::bounded(LINK_DEPTH);
-    let slot = d.grants.iter().position(Option::is_none).unwrap_or_else(|| {
-        d.grants.push(None);
-        d.grants.len() - 1
-    });
+    let slot = d
+        .grants
+        .iter()
+        .position(Option::is_none)
+        .unwrap_or_else(|| {
+            d.grants.push(None);
+            d.grants.len() - 1
+        });
     d.grants[slot] = Some(gtx);
     Ok(DeviceTicket {
         slot,

@@ -19,8 +19,8 @@
 //! ```
 
 use super::bdev::{Bdev, IoStat};
-use super::reactor::{ReactorOptions, ReactorSet, ReactorStats};
 use super::manager::{QosSection, StorageControl};
+use super::reactor::{ReactorOptions, ReactorSet, ReactorStats};
 use super::registry::BackendRegistry;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -265,7 +265,9 @@ impl StorageRuntime {
         } else {
             ReactorSet::launch_lcores(lcores, opts)?
         };
-        let handles = (0..reactors.len()).filter_map(|i| reactors.handle(i)).collect();
+        let handles = (0..reactors.len())
+            .filter_map(|i| reactors.handle(i))
+            .collect();
         let control = StorageControl::new(handles, reactors.monitor(), main_lcore, qos)?;
         control.adopt(vms, &routing)?;
         Ok(StorageRuntime {

@@ -80,8 +80,42 @@ struct NbdCreate {
 }
 
 #[derive(Deserialize)]
+struct BdevIo {
+    name: String,
+    #[serde(default = "read")]
+    rw: String,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default = "four_k")]
+    length: u64,
+    #[serde(default = "one")]
+    count: u64,
+    #[serde(default = "one_usize")]
+    queue_depth: usize,
+}
+fn one_usize() -> usize {
+    1
+}
+fn read() -> String {
+    "read".into()
+}
+fn four_k() -> u64 {
+    4096
+}
+fn one() -> u64 {
+    1
+}
+
+#[derive(Deserialize)]
 struct Named {
     name: String,
+}
+
+/// SPDK sends `names` (a list); older clients `name`.
+#[derive(Deserialize)]
+struct IostatParams {
+    name: Option<String>,
+    names: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -89,16 +123,10 @@ struct MaybeNamed {
     name: Option<String>,
 }
 
+/// `bdev_set_qos_limit` (unknown params ignored, unlike [`QosLimitParams`]).
 #[derive(Deserialize)]
 struct SetQosLimit {
     name: String,
-    #[serde(flatten)]
-    limits: QosLimitSpdk,
-}
-
-/// `bdev_set_qos_limit`'s limits (unknown params ignored, unlike [`QosLimitParams`]).
-#[derive(Deserialize)]
-struct QosLimitSpdk {
     rw_ios_per_sec: Option<u64>,
     rw_mbytes_per_sec: Option<u64>,
     r_mbytes_per_sec: Option<u64>,
@@ -153,14 +181,34 @@ pub fn register(reg: &mut Registry, st: Arc<StorageControl>) {
                 .unwrap_or_default(),
         };
         let params = json!({"num_blocks": p.num_blocks, "block_size": p.block_size});
-        let saved = json!({"num_blocks": p.num_blocks, "block_size": p.block_size, "reactor": p.reactor});
-        create(&s, "bdev_malloc_create", name, "malloc", params, saved, p.reactor, p.uuid)
+        let saved =
+            json!({"num_blocks": p.num_blocks, "block_size": p.block_size, "reactor": p.reactor});
+        create(
+            &s,
+            "bdev_malloc_create",
+            name,
+            "malloc",
+            params,
+            saved,
+            p.reactor,
+            p.uuid,
+        )
     });
     let s = st.clone();
     reg.register_typed("bdev_null_create", move |p: NullCreate| {
         let params = json!({"num_blocks": p.num_blocks, "block_size": p.block_size});
-        let saved = json!({"num_blocks": p.num_blocks, "block_size": p.block_size, "reactor": p.reactor});
-        create(&s, "bdev_null_create", p.name, "null", params, saved, p.reactor, p.uuid)
+        let saved =
+            json!({"num_blocks": p.num_blocks, "block_size": p.block_size, "reactor": p.reactor});
+        create(
+            &s,
+            "bdev_null_create",
+            p.name,
+            "null",
+            params,
+            saved,
+            p.reactor,
+            p.uuid,
+        )
     });
     let s = st.clone();
     reg.register_typed("bdev_uring_create", move |p: UringCreate| {
@@ -211,12 +259,37 @@ pub fn register(reg: &mut Registry, st: Arc<StorageControl>) {
         s.get_bdevs(p.name.as_deref()).map_err(rpc_err)
     });
     let s = st.clone();
-    reg.register_typed("bdev_get_iostat", move |p: MaybeNamed| {
-        s.iostat(p.name.as_deref()).map_err(rpc_err)
+    reg.register_typed("bdev_get_iostat", move |p: IostatParams| {
+        let names = match (p.name, p.names) {
+            (Some(n), _) => Some(vec![n]),
+            (None, names) => names,
+        };
+        s.iostat(names.as_deref()).map_err(rpc_err)
+    });
+    let s = st.clone();
+    reg.register_typed("bdev_io", move |p: BdevIo| {
+        let write = match p.rw.as_str() {
+            "read" => false,
+            "write" => true,
+            x => {
+                return Err(RpcError::invalid_params(format!(
+                    "rw: {x:?} is not read or write"
+                )))
+            }
+        };
+        s.io(
+            &p.name,
+            write,
+            p.offset,
+            p.length,
+            p.count,
+            p.queue_depth.min(1024),
+        )
+        .map_err(rpc_err)
     });
     let s = st.clone();
     reg.register_typed("bdev_set_qos_limit", move |p: SetQosLimit| {
-        let l = p.limits;
+        let l = &p;
         s.set_qos_limit(
             &p.name,
             QosLimitParams {
@@ -253,7 +326,8 @@ pub fn register(reg: &mut Registry, st: Arc<StorageControl>) {
     });
     let s = st.clone();
     reg.register_typed("bdev_qos_set_class_table", move |p: ClassTableConfig| {
-        let t = ClassTable::try_from(p).map_err(|e| RpcError::invalid_params(format!("classes: {e}")))?;
+        let t = ClassTable::try_from(p)
+            .map_err(|e| RpcError::invalid_params(format!("classes: {e}")))?;
         s.set_class_table(t)
             .map(|_| Value::Bool(true))
             .map_err(rpc_err)

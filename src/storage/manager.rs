@@ -782,7 +782,7 @@ impl StorageControl {
             .ok_or_else(|| param("name", format!("no bdev named {name:?}")))?;
         let size = bdev.info().size();
         let bs = u64::from(bdev.info().block_size);
-        if len == 0 || len % bs != 0 || len > size.min(16 << 20) {
+        if len == 0 || !len.is_multiple_of(bs) || len > size.min(16 << 20) {
             return Err(param(
                 "length",
                 format!("{len} must be a non-zero multiple of the block size {bs}, at most 16 MiB and the bdev size"),

@@ -141,28 +141,32 @@ fn compact(v: Value) -> Value {
     }
 }
 
-fn create(
-    st: &StorageControl,
-    method: &str,
+/// What a create method makes: the bdev and the params it is saved with.
+struct Create<'a> {
+    method: &'a str,
     name: String,
-    system: &str,
+    system: &'a str,
     params: Value,
     saved: Value,
     reactor: Option<u32>,
     uuid: Option<String>,
-) -> Result<Value, RpcError> {
-    let uuid = uuid.unwrap_or_else(|| crate::storage::manager::name_uuid(&name));
-    let mut saved = compact(saved);
-    saved["name"] = json!(name);
+}
+
+fn create(st: &StorageControl, c: Create<'_>) -> Result<Value, RpcError> {
+    let uuid = c
+        .uuid
+        .unwrap_or_else(|| crate::storage::manager::name_uuid(&c.name));
+    let mut saved = compact(c.saved);
+    saved["name"] = json!(c.name);
     saved["uuid"] = json!(uuid);
     st.create(CreateBdev {
-        name,
-        system: system.into(),
-        params,
+        name: c.name,
+        system: c.system.into(),
+        params: c.params,
         read_only: false,
-        reactor,
+        reactor: c.reactor,
         qos: DiskQosSection::default(),
-        saved_as: Some((method.into(), saved)),
+        saved_as: Some((c.method.into(), saved)),
         uuid: Some(uuid),
     })
     .map(Value::String)
@@ -185,13 +189,15 @@ pub fn register(reg: &mut Registry, st: Arc<StorageControl>) {
             json!({"num_blocks": p.num_blocks, "block_size": p.block_size, "reactor": p.reactor});
         create(
             &s,
-            "bdev_malloc_create",
-            name,
-            "malloc",
-            params,
-            saved,
-            p.reactor,
-            p.uuid,
+            Create {
+                method: "bdev_malloc_create",
+                name,
+                system: "malloc",
+                params,
+                saved,
+                reactor: p.reactor,
+                uuid: p.uuid,
+            },
         )
     });
     let s = st.clone();
@@ -201,13 +207,15 @@ pub fn register(reg: &mut Registry, st: Arc<StorageControl>) {
             json!({"num_blocks": p.num_blocks, "block_size": p.block_size, "reactor": p.reactor});
         create(
             &s,
-            "bdev_null_create",
-            p.name,
-            "null",
-            params,
-            saved,
-            p.reactor,
-            p.uuid,
+            Create {
+                method: "bdev_null_create",
+                name: p.name,
+                system: "null",
+                params,
+                saved,
+                reactor: p.reactor,
+                uuid: p.uuid,
+            },
         )
     });
     let s = st.clone();
@@ -219,7 +227,7 @@ pub fn register(reg: &mut Registry, st: Arc<StorageControl>) {
             "filename": p.filename, "block_size": p.block_size, "size_mib": p.size_mib,
             "direct": p.direct, "reactor": p.reactor,
         });
-        create(&s, "bdev_uring_create", p.name, "file", params, saved, p.reactor, p.uuid)
+        create(&s, Create { method: "bdev_uring_create", name: p.name, system: "file", params, saved, reactor: p.reactor, uuid: p.uuid })
     });
     let s = st.clone();
     reg.register_typed("bdev_nbd_client_create", move |p: NbdCreate| {
@@ -239,7 +247,7 @@ pub fn register(reg: &mut Registry, st: Arc<StorageControl>) {
         }));
         let mut saved = params.clone();
         saved["reactor"] = json!(p.reactor);
-        create(&s, "bdev_nbd_client_create", p.name, "nbd", params, saved, p.reactor, p.uuid)
+        create(&s, Create { method: "bdev_nbd_client_create", name: p.name, system: "nbd", params, saved, reactor: p.reactor, uuid: p.uuid })
     });
     for (method, system) in [
         ("bdev_malloc_delete", "malloc"),

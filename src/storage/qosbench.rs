@@ -11,7 +11,9 @@
 //! 3. Overhead: an unlimited disk with QoS on (metered, a limit far above what it can reach) vs
 //!    one with QoS off, alternating, best of two runs each: the ratio (target >= 0.95).
 //!
-//! Ends with a `RESULT {json}` line for scripts and tests.
+//! Each line also prints the process's CPU share during the measurement: the reactor spins, so
+//! well below 100 % means it was descheduled (a loaded machine), and a token bucket then loses
+//! what it cannot save beyond its burst. Ends with a `RESULT {json}` line for scripts and tests.
 
 use super::bdevperf::{start_job, start_reactors, JobResult, Pattern};
 use super::manager::{CreateBdev, DiskQosSection, QosDeviceSection, QosSection, StorageControl};
@@ -23,6 +25,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const WARMUP: Duration = Duration::from_millis(500);
+
+thread_local! {
+    /// CPU share of the process during the last measurement.
+    static LAST_CPU_SHARE: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+fn last_cpu_share() -> f64 {
+    LAST_CPU_SHARE.with(|c| c.get())
+}
 
 fn malloc(c: &StorageControl, name: &str, qos: DiskQosSection) -> Result<(), Error> {
     c.create(CreateBdev {
@@ -72,6 +83,7 @@ fn measure(
     }
     drop(tx);
     std::thread::sleep(WARMUP);
+    let cpu0 = cpu_secs();
     let t0 = Instant::now();
     let s0: Vec<(u64, u64)> = names
         .iter()
@@ -83,6 +95,8 @@ fn measure(
         .map(|n| ops_bytes(c, n))
         .collect::<Result<_, _>>()?;
     let dt = t0.elapsed().as_secs_f64();
+    let share = (cpu_secs() - cpu0) / dt;
+    LAST_CPU_SHARE.with(|c| c.set(share));
     for _ in names {
         let r = rx
             .recv_timeout(Duration::from_secs_f64(total + 60.0))
@@ -104,6 +118,19 @@ fn measure(
         .zip(&s1)
         .map(|(a, b)| ((b.0 - a.0) as f64 / dt, (b.1 - a.1) as f64 / dt))
         .collect())
+}
+
+/// CPU seconds this process has used (the reactor spins, so during a measurement its share of
+/// one CPU is about this over wall time: below ~100 % the reactor was descheduled).
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF is always valid.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
 }
 
 fn pct(achieved: f64, target: f64) -> f64 {
@@ -199,10 +226,11 @@ fn run(
             ),
         };
         let err = pct(achieved, target);
+        let cpu = last_cpu_share() * 100.0;
         println!(
-            "limit {label:<22} bs {bs:>5}: achieved {achieved:>10.1} {unit:<5} (limit {target}), error {err:+.3} % (target within 1 %)"
+            "limit {label:<22} bs {bs:>5}: achieved {achieved:>10.1} {unit:<5} (limit {target}), error {err:+.3} % (target within 1 %), reactor CPU {cpu:.0} %"
         );
-        limits.push(json!({"limit": label, "target": target, "achieved": achieved, "unit": unit, "error_pct": err}));
+        limits.push(json!({"limit": label, "target": target, "achieved": achieved, "unit": unit, "error_pct": err, "reactor_cpu_pct": cpu}));
     }
     on.set_qos_limit(
         "qos-limit",
@@ -236,8 +264,9 @@ fn run(
     let ratio = r[0].0 / r[1].0.max(1e-9);
     let total = r[0].0 + r[1].0;
     let ratio_err = pct(ratio, 3.0);
+    let cpu = last_cpu_share() * 100.0;
     println!(
-        "weights 3:1 on a device of {} IOPS: disk w3 {:.0} IOPS, disk w1 {:.0} IOPS, total {:.0} ({:+.2} % of capacity), ratio {ratio:.3} (target 3, error {ratio_err:+.2} %, within 5 %)",
+        "weights 3:1 on a device of {} IOPS: disk w3 {:.0} IOPS, disk w1 {:.0} IOPS, total {:.0} ({:+.2} % of capacity), ratio {ratio:.3} (target 3, error {ratio_err:+.2} %, within 5 %), reactor CPU {cpu:.0} %",
         a.device_iops,
         r[0].0,
         r[1].0,
@@ -273,7 +302,7 @@ fn run(
     off.delete("qos-off", None)?;
     Ok(json!({
         "limits": limits,
-        "weights": {"device_iops": a.device_iops, "w3_iops": r[0].0, "w1_iops": r[1].0, "ratio": ratio, "error_pct": ratio_err},
+        "weights": {"device_iops": a.device_iops, "w3_iops": r[0].0, "w1_iops": r[1].0, "ratio": ratio, "error_pct": ratio_err, "reactor_cpu_pct": cpu},
         "overhead": {"enabled_iops": best_on, "disabled_iops": best_off, "ratio": overhead},
     }))
 }

@@ -208,6 +208,28 @@ pub enum BenchCommand {
     Macnat(BenchMacnatArgs),
     /// bdevperf-like: keep --qd IOs in flight per reactor on a bdev; optionally compare with fio.
     Bdev(BenchBdevArgs),
+    /// QoS on the IO path, real clock, malloc bdevs: limits achieved, weighted shares, overhead.
+    Qos(BenchQosArgs),
+}
+
+/// `hostplane bench qos`.
+#[derive(Args, Debug)]
+pub struct BenchQosArgs {
+    /// Seconds per measurement (the overhead runs use at most 5).
+    #[arg(long, default_value_t = 10.0)]
+    pub time: f64,
+    /// IOs in flight per disk.
+    #[arg(long, default_value_t = 32)]
+    pub qd: usize,
+    /// Capacity of the shared device in the weights test (IOPS).
+    #[arg(long, default_value_t = 40_000)]
+    pub device_iops: u64,
+    /// Run the reactor on a plain thread instead of an EAL lcore.
+    #[arg(long)]
+    pub threads: bool,
+    /// Extra EAL arguments after `--`.
+    #[arg(last = true, value_name = "EAL ARGS")]
+    pub eal: Vec<String>,
 }
 
 /// `hostplane bench bdev`.

@@ -157,6 +157,9 @@ pub struct StorageSection {
     pub vm_config: Option<std::path::PathBuf>,
     /// How long a stopping reactor waits for in-flight IO before failing it (default 5000 ms).
     pub drain_timeout_ms: Option<u64>,
+    /// QoS: slice, class table, shared devices (`[storage.qos]`, see docs/qos.md).
+    #[serde(default)]
+    pub qos: crate::storage::manager::QosSection,
 }
 
 /// The whole file.

@@ -22,6 +22,7 @@ fn main() {
         }
         Command::Bench(BenchCommand::Bdev(args)) => hostplane::storage::bdevperf::bench(&args),
         Command::Convert(c) => hostplane::storage::convert::tool::run(c),
+        Command::Bench(BenchCommand::Qos(args)) => hostplane::storage::qosbench::bench(&args),
         Command::Version => {
             println!("hostplane {}", env!("CARGO_PKG_VERSION"));
             println!("{}", hostplane::env::dpdk_version());

@@ -138,22 +138,26 @@ impl Dataplane {
         } else {
             start_net(cfg, &plan, &stop)?
         };
-        let storage = if plan.storage.is_empty() {
-            None
-        } else {
+        // Without storage lcores, one service reactor on a thread still backs the storage RPCs.
+        let storage = {
             let drain = Duration::from_millis(cfg.storage.drain_timeout_ms.unwrap_or(5000));
             let opts = ReactorOptions {
                 drain_timeout: drain,
                 ..ReactorOptions::default()
             };
-            let st = StorageRuntime::start(&plan.storage, &cfg.vms, opts)?;
-            log::info!(
-                "storage: {} reactors on lcores {:?}, {} disks ({} failed)",
-                st.reactors.len(),
-                plan.storage,
-                st.routing.disks.len(),
-                st.routing.failed().count()
-            );
+            let st =
+                StorageRuntime::start(&plan.storage, plan.main, &cfg.vms, &cfg.storage.qos, opts)?;
+            if plan.storage.is_empty() {
+                log::info!("storage: no storage lcores; one service reactor on a thread for the storage RPC methods");
+            } else {
+                log::info!(
+                    "storage: {} reactors on lcores {:?}, {} disks ({} failed)",
+                    st.reactors.len(),
+                    plan.storage,
+                    st.routing.disks.len(),
+                    st.routing.failed().count()
+                );
+            }
             Some(st)
         };
         Ok(Dataplane {
@@ -373,17 +377,26 @@ impl Dataplane {
         failed
     }
 
-    /// The JSON-RPC methods of this dataplane: framework and network (storage methods join
-    /// as they are wired).
+    /// The JSON-RPC methods of this dataplane: framework, network and storage.
     pub fn registry(&self) -> Registry {
         let mut reg = Registry::new();
-        control::methods::framework::register(&mut reg, crate::env::tsc_hz(), self.lcores.clone());
+        let storage = self.storage.as_ref().map(|s| s.control.clone());
+        control::methods::framework::register(
+            &mut reg,
+            crate::env::tsc_hz(),
+            self.lcores.clone(),
+            storage.clone(),
+        );
         let net = NetControl {
             table: self.table.clone(),
             ports: self.ports.clone(),
             lcores: self.lcores.clone(),
         };
         control::methods::net::register(&mut reg, Arc::new(net));
+        // After macnat, so save_config lists the bdev subsystem second.
+        if let Some(st) = storage {
+            control::methods::storage::register(&mut reg, st);
+        }
         control::methods::rbd::register(
             &mut reg,
             Arc::new(control::methods::rbd::RbdBdevs::default()),

@@ -22,24 +22,11 @@ pub type ConfigSaver = Box<dyn Fn() -> Vec<ConfigCall> + Send + Sync>;
 
 /// Methods the issue plans but no feature backs yet, with the feature that will.
 pub const PENDING: &[(&str, &str)] = &[
-    ("bdev_malloc_create", "storage"),
-    ("bdev_malloc_delete", "storage"),
-    ("bdev_null_create", "storage"),
-    ("bdev_null_delete", "storage"),
-    ("bdev_uring_create", "storage"),
-    ("bdev_uring_delete", "storage"),
-    ("bdev_nbd_client_create", "storage"),
-    ("bdev_nbd_client_delete", "storage"),
-    ("bdev_get_bdevs", "storage"),
-    ("bdev_get_iostat", "storage"),
-    ("bdev_set_qos_limit", "qos"),
     ("bdev_pause", "storage pause/drain"),
     ("bdev_resume", "storage pause/drain"),
     ("vhost_create_blk_controller", "vhost-user-blk"),
     ("vhost_get_controllers", "vhost-user-blk"),
     ("vhost_delete_controller", "vhost-user-blk"),
-    ("vm_attach", "per-VM disk routing"),
-    ("vm_detach", "per-VM disk routing"),
 ];
 
 /// Methods the registry itself answers (they need the registry).
@@ -303,12 +290,12 @@ mod tests {
         let (r, _) = counter_registry();
         let e = r
             .call(
-                "bdev_malloc_create",
-                json!({"name": "M0", "num_blocks": 8, "block_size": 512}),
+                "vhost_create_blk_controller",
+                json!({"ctrlr": "vhost.0", "dev_name": "M0"}),
             )
             .unwrap_err();
         assert_eq!(e.code, -32601);
-        assert!(e.message.contains("storage"));
+        assert!(e.message.contains("vhost-user-blk"));
         assert_eq!(r.call("nope", Value::Null).unwrap_err().code, -32601);
         let names = r
             .call(
@@ -321,7 +308,7 @@ mod tests {
             !names
                 .as_array()
                 .unwrap()
-                .contains(&json!("bdev_malloc_create")),
+                .contains(&json!("vhost_create_blk_controller")),
             "pending methods are not advertised"
         );
     }

@@ -16,12 +16,14 @@
 //! size, a write to a read-only bdev, or a missing/mis-sized buffer complete with an error status
 //! and bump a counter; no input makes this layer panic.
 
+use super::qos_gate::QosGate;
+use super::reactor::Reactor;
 use super::ticks;
 use serde::Serialize;
 use std::alloc::Layout;
 use std::collections::VecDeque;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Alignment of [`IoBuf`] memory: a page, enough for O_DIRECT on any device.
@@ -595,8 +597,12 @@ impl IoStat {
     }
 }
 
+static BDEV_IDS: AtomicU64 = AtomicU64::new(1);
+
 /// A block device: a name, geometry, and the storage system behind it.
 pub struct Bdev {
+    id: u64,
+    open: AtomicUsize,
     name: String,
     info: BdevInfo,
     backend: Box<dyn BdevBackend>,
@@ -626,6 +632,8 @@ impl Bdev {
         let mut info = backend.info();
         info.read_only |= read_only;
         Arc::new(Bdev {
+            id: BDEV_IDS.fetch_add(1, Ordering::Relaxed),
+            open: AtomicUsize::new(0),
             name: name.into(),
             info,
             backend,
@@ -648,19 +656,33 @@ impl Bdev {
         self.backend.type_name()
     }
 
-    /// Opens an IO channel for the calling reactor. The channel belongs to that reactor.
-    pub fn open_channel(self: &Arc<Self>) -> Result<IoChannel, BdevError> {
+    /// A process-unique id (reactor-local tables are keyed by it).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// IO channels open now (a bdev with open channels is in use and cannot be deleted).
+    pub fn open_channels(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Opens an IO channel on reactor `r` (the caller runs on it); the channel belongs to that
+    /// reactor. On the bdev's owner reactor the channel goes through the bdev's QoS.
+    pub fn open_channel(self: &Arc<Self>, r: &mut Reactor) -> Result<IoChannel, BdevError> {
         let backend = self.backend.open_channel()?;
         let stats = Arc::new(ChannelStats::default());
         if let Ok(mut v) = self.channels.lock() {
             v.push(stats.clone());
         }
+        self.open.fetch_add(1, Ordering::Relaxed);
         Ok(IoChannel {
             bdev: self.clone(),
             backend,
             done: Completions::default(),
             stats,
             inflight: 0,
+            qos: super::qos_gate::attach(r, self.id),
+            released: Vec::new(),
         })
     }
 
@@ -687,6 +709,8 @@ pub struct IoChannel {
     done: Completions,
     stats: Arc<ChannelStats>,
     inflight: usize,
+    qos: Option<QosGate>,
+    released: Vec<IoRequest>,
 }
 
 impl IoChannel {
@@ -696,9 +720,12 @@ impl IoChannel {
     }
 
     /// Submits a request. Its callback runs from a later [`IoChannel::poll`] on this reactor.
+    /// A request over the bdev's QoS limits waits in the bdev's queue and goes to the backend
+    /// from a later poll (its latency includes the wait).
     #[inline]
     pub fn submit(&mut self, mut req: IoRequest) {
-        req.submit_tick = ticks();
+        let now = ticks();
+        req.submit_tick = now;
         self.inflight += 1;
         match self.bdev.info.validate(
             req.kind,
@@ -706,15 +733,31 @@ impl IoChannel {
             req.len,
             req.buf.as_ref().map(IoBuf::len),
         ) {
-            Ok(()) => self.backend.submit(req, &mut self.done),
+            Ok(()) => match &self.qos {
+                None => self.backend.submit(req, &mut self.done),
+                Some(q) => {
+                    if let Some(req) = q.submit(req, now) {
+                        self.backend.submit(req, &mut self.done)
+                    }
+                }
+            },
             Err(st) => self.done.push(req, st),
         }
     }
 
-    /// Polls the backend and runs the callbacks of completed requests. Returns the work done.
-    /// Requests resubmitted by those callbacks complete in a later poll.
+    /// Submits what QoS released, polls the backend and runs the callbacks of completed
+    /// requests. Returns the work done. Requests resubmitted by those callbacks complete in a
+    /// later poll.
     pub fn poll(&mut self) -> usize {
-        let work = self.backend.poll(&mut self.done);
+        let mut work = 0;
+        if let Some(q) = &self.qos {
+            q.release(ticks(), &mut self.released);
+            work += self.released.len();
+            for req in self.released.drain(..) {
+                self.backend.submit(req, &mut self.done);
+            }
+        }
+        work += self.backend.poll(&mut self.done);
         let n = self.done.len();
         if n == 0 {
             return work;
@@ -761,7 +804,12 @@ impl IoChannel {
 
 impl Drop for IoChannel {
     fn drop(&mut self) {
-        // Fail whatever the backend still holds, then run every pending callback once.
+        // Fail whatever QoS and the backend still hold, then run every pending callback once.
+        if let Some(q) = self.qos.take() {
+            for req in q.close() {
+                self.done.push(req, IoStatus::Aborted);
+            }
+        }
         self.backend.abort(&mut self.done);
         let now = ticks();
         while let Some((req, st)) = self.done.0.pop_front() {
@@ -769,6 +817,7 @@ impl Drop for IoChannel {
             self.account(&req, st, now);
             req.complete(st);
         }
+        self.bdev.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

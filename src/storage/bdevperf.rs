@@ -266,6 +266,95 @@ pub struct Summary {
     pub errors: u64,
 }
 
+/// Starts one job on reactor `h` against `bdev` (opening its channel there); its result goes to
+/// `tx` when it ends after `secs` seconds.
+pub fn start_job(
+    h: &super::reactor::ReactorHandle,
+    bdev: &Arc<Bdev>,
+    pattern: Pattern,
+    bs: u64,
+    qd: usize,
+    secs: f64,
+    tx: crossbeam_channel::Sender<JobResult>,
+) -> Result<(), Error> {
+    let info = bdev.info().clone();
+    let duration = (secs * ticks_hz() as f64) as u64;
+    let b = bdev.clone();
+    let units = info.size() / bs;
+    h.call(move |r| -> Result<(), String> {
+        let ch = b.open_channel(r).map_err(|e| e.to_string())?;
+        let job = Job {
+            ch,
+            done: Rc::new(RefCell::new(Vec::with_capacity(qd))),
+            rng: Rng::new(0x1234_5678 + u64::from(r.id())),
+            pattern,
+            bs,
+            units,
+            // Sequential jobs start spread over the device (reactor i at i/8 of it).
+            next_seq: units * u64::from(r.id() % 8) / 8,
+            qd,
+            duration,
+            start: 0,
+            end: 0,
+            res: JobResult::default(),
+            tx: Some(tx),
+            started: false,
+        };
+        r.register(Box::new(job));
+        Ok(())
+    })??;
+    Ok(())
+}
+
+/// Starts `n` reactors for a benchmark: on EAL lcores (main on CPU 0, reactor i on CPU
+/// (i+1) mod ncpu, `--no-huge`: the data path uses no DPDK memory) or, with `threads`, on plain
+/// threads. Drop the set before the returned EAL.
+pub fn start_reactors(
+    n: usize,
+    threads: bool,
+    eal_extra: &[String],
+    idle_sleep: Option<std::time::Duration>,
+) -> Result<(ReactorSet, Option<crate::env::Eal>), Error> {
+    let ropts = ReactorOptions { idle_sleep, ..ReactorOptions::default() };
+    if threads {
+        return Ok((ReactorSet::spawn_threads(n, ropts)?, None));
+    }
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut map = vec!["0@0".to_string()];
+    for i in 0..n {
+        map.push(format!("{}@{}", i + 1, (i + 1) % ncpu));
+    }
+    let mut args = vec![
+        "--lcores".to_string(),
+        map.join(","),
+        "--main-lcore".into(),
+        "0".into(),
+    ];
+    args.extend(
+        [
+            "--no-huge",
+            "--no-pci",
+            "--no-shconf",
+            "-m",
+            "256",
+            "--log-level",
+            "lib.eal:warning",
+        ]
+        .map(String::from),
+    );
+    args.extend([
+        "--file-prefix".into(),
+        format!("hp-bench-bdev-{}", std::process::id()),
+    ]);
+    args.extend(eal_extra.iter().cloned());
+    let e = crate::env::Eal::init(&args)?;
+    let lcores: Vec<u32> = (1..=n as u32).collect();
+    let s = ReactorSet::launch_lcores(&lcores, ropts)?;
+    Ok((s, Some(e)))
+}
+
 /// Runs the jobs on every reactor of `set` against `bdev`.
 pub fn run_jobs(
     set: &ReactorSet,
@@ -287,34 +376,9 @@ pub fn run_jobs(
         return Err("the bdev is read-only: use --rw read or randread".into());
     }
     let (tx, rx) = crossbeam_channel::unbounded();
-    let hz = ticks_hz();
-    let duration = (secs * hz as f64) as u64;
     for i in 0..set.len() {
         let h = set.handle(i).ok_or("reactor")?;
-        let (b, tx) = (bdev.clone(), tx.clone());
-        let units = info.size() / bs;
-        h.call(move |r| -> Result<(), String> {
-            let ch = b.open_channel().map_err(|e| e.to_string())?;
-            let job = Job {
-                ch,
-                done: Rc::new(RefCell::new(Vec::with_capacity(qd))),
-                rng: Rng::new(0x1234_5678 + u64::from(r.id())),
-                pattern,
-                bs,
-                units,
-                // Sequential jobs start spread over the device (reactor i at i/8 of it).
-                next_seq: units * u64::from(r.id() % 8) / 8,
-                qd,
-                duration,
-                start: 0,
-                end: 0,
-                res: JobResult::default(),
-                tx: Some(tx),
-                started: false,
-            };
-            r.register(Box::new(job));
-            Ok(())
-        })??;
+        start_job(&h, bdev, pattern, bs, qd, secs, tx.clone())?;
     }
     drop(tx);
     let mut total = JobResult::default();
@@ -328,6 +392,7 @@ pub fn run_jobs(
         total.hist.merge(&r.hist);
         max_ticks = max_ticks.max(r.ticks);
     }
+    let hz = ticks_hz();
     let elapsed = max_ticks as f64 / hz as f64;
     let iops = total.ios as f64 / elapsed.max(1e-9);
     let to_us = |t: f64| t * 1e6 / hz as f64;
@@ -494,49 +559,8 @@ pub fn bench(a: &BenchBdevArgs) -> Result<(), Error> {
     let ncpu = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mut eal = None;
-    let ropts = ReactorOptions {
-        idle_sleep: (a.idle_sleep_us > 0)
-            .then(|| std::time::Duration::from_micros(a.idle_sleep_us)),
-        ..ReactorOptions::default()
-    };
-    let set = if a.threads {
-        ReactorSet::spawn_threads(a.reactors, ropts)?
-    } else {
-        // Main lcore on CPU 0 (it only waits); reactor i on CPU (i+1) mod ncpu.
-        let mut map = vec!["0@0".to_string()];
-        for i in 0..a.reactors {
-            map.push(format!("{}@{}", i + 1, (i + 1) % ncpu));
-        }
-        let mut args = vec![
-            "--lcores".to_string(),
-            map.join(","),
-            "--main-lcore".into(),
-            "0".into(),
-        ];
-        args.extend(
-            [
-                "--no-huge",
-                "--no-pci",
-                "--no-shconf",
-                "-m",
-                "256",
-                "--log-level",
-                "lib.eal:warning",
-            ]
-            .map(String::from),
-        );
-        args.extend([
-            "--file-prefix".into(),
-            format!("hp-bench-bdev-{}", std::process::id()),
-        ]);
-        args.extend(a.eal.iter().cloned());
-        let e = crate::env::Eal::init(&args)?;
-        let lcores: Vec<u32> = (1..=a.reactors as u32).collect();
-        let s = ReactorSet::launch_lcores(&lcores, ropts)?;
-        eal = Some(e);
-        s
-    };
+    let idle_sleep = (a.idle_sleep_us > 0).then(|| std::time::Duration::from_micros(a.idle_sleep_us));
+    let (set, eal) = start_reactors(a.reactors, a.threads, &a.eal, idle_sleep)?;
     let info = bdev.info().clone();
     println!(
         "bench bdev: {} ({}, {} MiB, block {} B{}), {:?} bs {} qd {} x {} reactor(s) on {}, {} s, TSC {:.2} GHz",

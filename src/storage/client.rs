@@ -137,7 +137,7 @@ impl BdevClient {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let b = bdev.clone();
         reactor.call(move |r| -> Result<(), super::bdev::BdevError> {
-            let ch = b.open_channel()?;
+            let ch = b.open_channel(r)?;
             r.register(Box::new(ClientPoller {
                 rx,
                 ch,

@@ -13,11 +13,31 @@ use std::sync::Arc;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MallocParams {
-    /// Size in MiB.
-    pub size_mib: u64,
+    /// Size in MiB (give this or `num_blocks`).
+    #[serde(default)]
+    pub size_mib: Option<u64>,
+    /// Size in blocks (SPDK's `bdev_malloc_create` form).
+    #[serde(default)]
+    pub num_blocks: Option<u64>,
     /// Block size in bytes (default 512).
     #[serde(default = "default_bs")]
     pub block_size: u32,
+}
+
+impl MallocParams {
+    /// Size in bytes (after [`check_geometry`]).
+    pub fn bytes(&self) -> u64 {
+        size_bytes(self.size_mib, self.num_blocks, self.block_size)
+    }
+}
+
+/// The size given as MiB or as blocks, in bytes (0 when neither or both are given).
+pub(crate) fn size_bytes(size_mib: Option<u64>, num_blocks: Option<u64>, block_size: u32) -> u64 {
+    match (size_mib, num_blocks) {
+        (Some(m), None) => m.saturating_mul(1 << 20),
+        (None, Some(n)) => n.saturating_mul(u64::from(block_size)),
+        _ => 0,
+    }
 }
 
 pub(crate) fn default_bs() -> u32 {
@@ -32,22 +52,36 @@ pub const BACKEND: BackendType = BackendType {
 
 fn parse(p: &Params) -> Result<MallocParams, BdevError> {
     let m: MallocParams = parse_params("malloc", p)?;
-    check_geometry("malloc", m.size_mib, m.block_size)?;
+    check_geometry("malloc", m.size_mib, m.num_blocks, m.block_size)?;
     Ok(m)
 }
 
-/// Checks a size in MiB and a block size.
-pub(crate) fn check_geometry(t: &str, size_mib: u64, block_size: u32) -> Result<(), BdevError> {
+/// Checks a size (MiB or blocks, exactly one of them) and a block size.
+pub(crate) fn check_geometry(
+    t: &str,
+    size_mib: Option<u64>,
+    num_blocks: Option<u64>,
+    block_size: u32,
+) -> Result<(), BdevError> {
     if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
         return Err(BdevError::Params(format!(
             "{t}: block_size {block_size} must be a power of two from 512 to 65536"
         )));
     }
-    if size_mib == 0 || size_mib > (1 << 30) {
-        return Err(BdevError::Params(format!(
-            "{t}: size_mib {size_mib} must be from 1 to 2^30"
-        )));
-    }
+    match (size_mib, num_blocks) {
+        (Some(m), None) if m == 0 || m > (1 << 30) => Err(BdevError::Params(format!(
+            "{t}: size_mib {m} must be from 1 to 2^30"
+        ))),
+        (None, Some(n)) if n == 0 || n.saturating_mul(u64::from(block_size)) > (1 << 50) => {
+            Err(BdevError::Params(format!(
+                "{t}: num_blocks {n} must be from 1 to 2^50 bytes' worth"
+            )))
+        }
+        (Some(_), None) | (None, Some(_)) => Ok(()),
+        _ => Err(BdevError::Params(format!(
+            "{t}: give either size_mib or num_blocks"
+        ))),
+    }?;
     Ok(())
 }
 
@@ -82,13 +116,13 @@ pub struct MallocBackend {
 impl MallocBackend {
     /// Allocates (zeroed) memory for the bdev.
     pub fn new(p: &MallocParams) -> Result<MallocBackend, BdevError> {
-        let len = usize::try_from(p.size_mib << 20)
+        let len = usize::try_from(p.bytes())
             .map_err(|_| BdevError::Params("malloc: too large".into()))?;
         let layout = Layout::from_size_align(len, 4096)
             .map_err(|e| BdevError::Params(format!("malloc: {e}")))?;
         // SAFETY: non-zero size (checked by check_geometry).
         let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or_else(|| {
-            BdevError::Backend(format!("malloc: cannot allocate {} MiB", p.size_mib))
+            BdevError::Backend(format!("malloc: cannot allocate {} bytes", p.bytes()))
         })?;
         Ok(MallocBackend {
             mem: Arc::new(Memory { ptr, len }),

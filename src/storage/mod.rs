@@ -6,9 +6,10 @@
 //!   [`rbd`] (Ceph, through [`ceph`], the only caller of `rbd-sys`).
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
 //! - [`convert`]: online format conversion (qcow2/vmdk/raw → raw) while the VM runs.
-//! - [`bdevperf`]: `hostplane bench bdev`.
+//! - [`bdevperf`]: `hostplane bench bdev`; [`qosbench`]: `hostplane bench qos`.
 //! - [`vhost`]: vhost-user-blk controllers (own vhost-user back-end, split rings, inflight).
-//! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
+//! - [`qos`]: credit buckets, classes from quota, per-slice allocation (pure logic).
+//! - [`qos_gate`]: QoS on the IO path: each bdev's limits and queue on its owner reactor.
 //!
 //! See docs/storage.md.
 
@@ -19,10 +20,13 @@ pub mod client;
 pub mod convert;
 pub mod file;
 pub mod malloc;
+pub mod manager;
 pub mod nbd;
 pub mod null;
 pub mod qos;
 pub mod rbd;
+pub mod qos_gate;
+pub mod qosbench;
 pub mod reactor;
 pub mod registry;
 pub mod routing;

@@ -3,7 +3,7 @@
 use super::bdev::{
     BackendChannel, BdevBackend, BdevError, BdevInfo, Completions, IoKind, IoRequest, IoStatus,
 };
-use super::malloc::{check_geometry, default_bs};
+use super::malloc::{check_geometry, default_bs, size_bytes};
 use super::registry::{parse_params, BackendType, Params};
 use serde::Deserialize;
 
@@ -11,8 +11,12 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NullParams {
-    /// Size in MiB.
-    pub size_mib: u64,
+    /// Size in MiB (give this or `num_blocks`).
+    #[serde(default)]
+    pub size_mib: Option<u64>,
+    /// Size in blocks.
+    #[serde(default)]
+    pub num_blocks: Option<u64>,
     /// Block size in bytes (default 512).
     #[serde(default = "default_bs")]
     pub block_size: u32,
@@ -20,7 +24,7 @@ pub struct NullParams {
 
 fn parse(p: &Params) -> Result<NullParams, BdevError> {
     let n: NullParams = parse_params("null", p)?;
-    check_geometry("null", n.size_mib, n.block_size)?;
+    check_geometry("null", n.size_mib, n.num_blocks, n.block_size)?;
     Ok(n)
 }
 
@@ -32,7 +36,8 @@ pub const BACKEND: BackendType = BackendType {
         Ok(Box::new(NullBackend {
             info: BdevInfo {
                 block_size: n.block_size,
-                num_blocks: (n.size_mib << 20) / u64::from(n.block_size),
+                num_blocks: size_bytes(n.size_mib, n.num_blocks, n.block_size)
+                    / u64::from(n.block_size),
                 read_only: false,
                 max_io_bytes: 0,
             },

@@ -17,6 +17,8 @@
 
 use crate::env::ring;
 use serde::Serialize;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -145,6 +147,17 @@ pub enum SendError {
     Stopped,
 }
 
+/// Errors of [`ReactorHandle::call_timeout`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CallError {
+    /// The message could not be sent.
+    #[error("{0}")]
+    Send(SendError),
+    /// No answer in time.
+    #[error("reactor did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// Creates a message queue: an `rte_ring` when `dpdk` is true (EAL must be up), else a channel.
 pub fn msg_queue(name: &str, dpdk: bool) -> Result<(MsgSender, MsgReceiver), crate::env::EnvError> {
     if dpdk {
@@ -234,6 +247,25 @@ impl ReactorHandle {
         }
     }
 
+    /// [`ReactorHandle::call`], giving up after `timeout` (the closure may still run later).
+    pub fn call_timeout<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&mut Reactor) -> R + Send + 'static,
+    ) -> Result<R, CallError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(move |r| {
+            let _ = tx.send(f(r));
+        })
+        .map_err(CallError::Send)?;
+        rx.recv_timeout(timeout).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => CallError::Timeout(timeout),
+            crossbeam_channel::RecvTimeoutError::Disconnected => {
+                CallError::Send(SendError::Stopped)
+            }
+        })
+    }
+
     /// Runs `f` on the reactor and waits for its result (control plane only: it blocks).
     pub fn call<R: Send + 'static>(
         &self,
@@ -294,6 +326,8 @@ pub struct Reactor {
     stop: Arc<AtomicBool>,
     stopping: bool,
     opts: ReactorOptions,
+    /// Reactor-local values by type (e.g. the QoS table of the bdevs it owns).
+    locals: HashMap<TypeId, Box<dyn Any>>,
 }
 
 impl Reactor {
@@ -318,7 +352,18 @@ impl Reactor {
             stop,
             stopping: false,
             opts,
+            locals: HashMap::new(),
         }
+    }
+
+    /// This reactor's value of type `T` (created with `Default` on first use). Only code running
+    /// on the reactor can reach it: state that lives here is owned by the reactor.
+    pub fn local<T: Default + 'static>(&mut self) -> &mut T {
+        self.locals
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(T::default()))
+            .downcast_mut::<T>()
+            .unwrap_or_else(|| unreachable!("locals are keyed by their own TypeId"))
     }
 
     /// Reactor index.
@@ -450,6 +495,7 @@ impl Reactor {
         // Dropping the pollers drops their IO channels, which fail what is left.
         self.pollers.clear();
         self.added.clear();
+        self.locals.clear();
         // Messages that arrived meanwhile: dropped (a `call` waiting on one sees Stopped).
         while self.rx.recv().is_some() {}
         self.counters.pollers.store(0, Ordering::Relaxed);
@@ -468,6 +514,30 @@ struct ReactorEntry {
     counters: Arc<ReactorCounters>,
     stop: Arc<AtomicBool>,
     runner: Option<Runner>,
+}
+
+/// Reads every reactor's counters from any thread (they are single-writer atomics).
+#[derive(Clone, Debug)]
+pub struct ReactorMonitor {
+    reactors: Vec<(u32, Option<u32>, Arc<ReactorCounters>)>,
+}
+
+impl ReactorMonitor {
+    /// Per-reactor busy/idle counters.
+    pub fn stats(&self) -> Vec<ReactorStats> {
+        self.reactors
+            .iter()
+            .map(|(id, lcore, c)| ReactorStats {
+                id: *id,
+                lcore: *lcore,
+                busy: c.busy_tsc.load(Ordering::Relaxed),
+                idle: c.idle_tsc.load(Ordering::Relaxed),
+                iterations: c.iterations.load(Ordering::Relaxed),
+                msgs: c.msgs.load(Ordering::Relaxed),
+                pollers: c.pollers.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
 }
 
 /// The running reactors. With lcore reactors, drop (or stop) the set and every
@@ -570,18 +640,18 @@ impl ReactorSet {
 
     /// Per-reactor busy/idle counters (`framework_get_reactors`).
     pub fn stats(&self) -> Vec<ReactorStats> {
-        self.reactors
-            .iter()
-            .map(|r| ReactorStats {
-                id: r.handle.id,
-                lcore: r.lcore,
-                busy: r.counters.busy_tsc.load(Ordering::Relaxed),
-                idle: r.counters.idle_tsc.load(Ordering::Relaxed),
-                iterations: r.counters.iterations.load(Ordering::Relaxed),
-                msgs: r.counters.msgs.load(Ordering::Relaxed),
-                pollers: r.counters.pollers.load(Ordering::Relaxed),
-            })
-            .collect()
+        self.monitor().stats()
+    }
+
+    /// A reader of the counters for other threads (the RPC methods).
+    pub fn monitor(&self) -> ReactorMonitor {
+        ReactorMonitor {
+            reactors: self
+                .reactors
+                .iter()
+                .map(|r| (r.handle.id, r.lcore, r.counters.clone()))
+                .collect(),
+        }
     }
 
     /// Stops every reactor (each drains or fails its in-flight IO) and waits for them.

@@ -19,6 +19,7 @@
 //! ```
 
 use super::bdev::{Bdev, IoStat};
+use super::manager::{QosSection, StorageControl};
 use super::reactor::{ReactorOptions, ReactorSet, ReactorStats};
 use super::registry::BackendRegistry;
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,9 @@ pub struct DiskSection {
     /// The storage system's parameters.
     #[serde(default)]
     pub params: toml::Table,
+    /// QoS: limits in SPDK's units, weight, reservation, shared device (see docs/qos.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<super::manager::DiskQosSection>,
 }
 
 /// A VM file (`storage.vm_config`): only `[[vm]]` entries.
@@ -212,25 +216,65 @@ impl Routing {
     }
 }
 
-/// The storage side of `hostplane run`: reactors on the storage lcores and the routed disks.
+/// The storage side of `hostplane run`: reactors on the storage lcores, the routed disks and
+/// the control plane's storage table.
 pub struct StorageRuntime {
     /// The reactors.
     pub reactors: ReactorSet,
-    /// The disks.
+    /// The disks of the config's `[[vm]]`s, as built at start.
     pub routing: Routing,
+    /// Every bdev, for the RPC methods.
+    pub control: Arc<StorageControl>,
+}
+
+/// Why the storage side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Reactors.
+    #[error("{0}")]
+    Env(#[from] crate::env::EnvError),
+    /// Reactors on threads.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// QoS settings.
+    #[error("{0}")]
+    Qos(#[from] super::manager::StorageError),
 }
 
 impl StorageRuntime {
-    /// Creates the bdevs, then starts one reactor per storage lcore.
+    /// Creates the bdevs, then starts one reactor per storage lcore (or, with no storage lcore,
+    /// one service reactor on a plain thread so the storage RPC methods still work) and installs
+    /// each disk's QoS on its reactor.
     pub fn start(
         lcores: &[u32],
+        main_lcore: u32,
         vms: &[VmSection],
+        qos: &QosSection,
         opts: ReactorOptions,
-    ) -> Result<StorageRuntime, crate::env::EnvError> {
+    ) -> Result<StorageRuntime, StartError> {
         let registry = BackendRegistry::with_builtin();
-        let routing = Routing::build(vms, &registry, lcores.len() as u32);
-        let reactors = ReactorSet::launch_lcores(lcores, opts)?;
-        Ok(StorageRuntime { reactors, routing })
+        let routing = Routing::build(vms, &registry, lcores.len().max(1) as u32);
+        let reactors = if lcores.is_empty() {
+            // Not a data-path reactor: sleep when idle instead of spinning a core.
+            let o = ReactorOptions {
+                idle_sleep: Some(std::time::Duration::from_millis(1)),
+                idle_spins: 100,
+                ..opts
+            };
+            ReactorSet::spawn_threads(1, o)?
+        } else {
+            ReactorSet::launch_lcores(lcores, opts)?
+        };
+        let handles = (0..reactors.len())
+            .filter_map(|i| reactors.handle(i))
+            .collect();
+        let control = StorageControl::new(handles, reactors.monitor(), main_lcore, qos)?;
+        control.adopt(vms, &routing)?;
+        Ok(StorageRuntime {
+            reactors,
+            routing,
+            control,
+        })
     }
 
     /// The table printed by `hostplane run`.

@@ -3,6 +3,7 @@
 
 use crate::control::registry::{parse_params, Registry};
 use crate::net::stats::LcoreCounters;
+use crate::storage::manager::StorageControl;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -44,14 +45,24 @@ pub fn reactors(tick_rate: u64, net_lcores: &[(u32, Arc<LcoreCounters>)]) -> Val
     json!({"tick_rate": tick_rate, "pid": std::process::id(), "reactors": reactors})
 }
 
-/// Registers `spdk_get_version` and `framework_get_reactors` (net lcores for now; storage
-/// reactors join the list when storage lands).
-pub fn register(reg: &mut Registry, tick_rate: u64, net_lcores: Vec<(u32, Arc<LcoreCounters>)>) {
+/// Registers `spdk_get_version` and `framework_get_reactors` (net lcores, then the storage
+/// reactors, whose `busy`/`idle` are TSC ticks as in SPDK).
+pub fn register(
+    reg: &mut Registry,
+    tick_rate: u64,
+    net_lcores: Vec<(u32, Arc<LcoreCounters>)>,
+    storage: Option<Arc<StorageControl>>,
+) {
     reg.register("spdk_get_version", |p| {
         parse_params::<NoParams>(p).map(|_| version())
     });
     reg.register("framework_get_reactors", move |p| {
-        parse_params::<NoParams>(p).map(|_| reactors(tick_rate, &net_lcores))
+        parse_params::<NoParams>(p)?;
+        let mut v = reactors(tick_rate, &net_lcores);
+        if let (Some(st), Some(list)) = (&storage, v["reactors"].as_array_mut()) {
+            list.extend(st.reactors_json());
+        }
+        Ok(v)
     });
 }
 

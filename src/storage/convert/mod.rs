@@ -543,7 +543,7 @@ impl Conversion {
                     .ok_or_else(|| ConvertError::Reactor("already attached".into()))?;
                 let ch = shared
                     .target
-                    .open_channel()
+                    .open_channel(r)
                     .map_err(|e| ConvertError::Target(e.to_string()))?;
                 let core = Rc::new(RefCell::new(Core::new(ch, init)));
                 CORES.with(|c| c.borrow_mut().insert(shared.uid, core.clone()));

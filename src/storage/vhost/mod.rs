@@ -6,6 +6,7 @@
 //! - [`blk`]: virtio-blk features, config space, request parsing, the [`BlockTarget`] trait.
 //! - [`backend`]: the vhost-user state machine of one connection ([`ConnState`]).
 //! - [`controller`]: the socket, one connection at a time, `poll()` for a reactor.
+//! - [`snapshot`]: a controller's state as data + fds, for a process handover.
 //!
 //! See docs/vhost-blk.md.
 
@@ -14,6 +15,7 @@ pub mod blk;
 pub mod controller;
 pub mod memory;
 pub mod msg;
+pub mod snapshot;
 pub mod virtq;
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use crate::net::macnat::MacNatTable;
 use crate::net::nat::Policy;
 use crate::net::stats::{CountersSnapshot, LcoreCounters};
 use crate::storage::reactor::ReactorOptions;
-use crate::storage::routing::StorageRuntime;
+use crate::storage::routing::{StorageRuntime, VmSection};
+use crate::storage::vhost::service::ReactorSlot;
+use crate::storage::vhost::{CreateBlkController, VhostControl};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +52,8 @@ pub struct Dataplane {
     handles: Vec<LcoreHandle>,
     /// The storage side (reactors and routed VM disks), when the config has one.
     pub storage: Option<StorageRuntime>,
+    /// vhost-user-blk controllers (after [`Dataplane::start_vhost`]).
+    pub vhost: Option<Arc<VhostControl>>,
     // Dropped last: EAL cleanup after lcores are joined and ports stopped.
     _eal: Eal,
 }
@@ -116,7 +120,7 @@ impl Dataplane {
             log::info!("storage: {} reactors on lcores {:?}, {} disks ({} failed)", st.reactors.len(), plan.storage, st.routing.disks.len(), st.routing.failed().count());
             Some(st)
         };
-        Ok(Dataplane { ports, table, lcores, stop, handles, storage, _eal: eal })
+        Ok(Dataplane { ports, table, lcores, stop, handles, storage, vhost: None, _eal: eal })
     }
 }
 
@@ -243,6 +247,11 @@ impl Dataplane {
     /// ports; returns the failures. Does nothing the second time.
     fn halt(&mut self) -> Vec<String> {
         self.stop.store(true, Ordering::SeqCst);
+        // Its reactor handles hold the reactors' rings, which must go before EAL (RPC threads
+        // may still hold the control itself).
+        if let Some(v) = self.vhost.take() {
+            v.shutdown();
+        }
         let mut failed: Vec<String> = self.handles.drain(..).filter_map(|h| h.join().err()).collect();
         if let Some(st) = self.storage.take() {
             failed.extend(st.stop());
@@ -262,7 +271,36 @@ impl Dataplane {
         control::methods::framework::register(&mut reg, crate::env::tsc_hz(), self.lcores.clone());
         let net = NetControl { table: self.table.clone(), ports: self.ports.clone(), lcores: self.lcores.clone() };
         control::methods::net::register(&mut reg, Arc::new(net));
+        if let Some(v) = &self.vhost {
+            control::methods::vhost::register(&mut reg, v.clone());
+        }
         reg
+    }
+
+    /// Starts the vhost-user-blk control plane (sockets in `dir`) and the controllers the config
+    /// declares (`vhost = "name"` on a `[[vm.disk]]`). A controller that cannot be created is
+    /// logged and the others carry on, like a failed disk.
+    pub fn start_vhost(&mut self, dir: &Path, vms: &[VmSection]) {
+        let (slots, disks) = match &self.storage {
+            Some(st) => {
+                let slots = st.reactors.stats().iter().enumerate().filter_map(|(i, s)| Some(ReactorSlot { handle: st.reactors.handle(i)?, core: s.lcore.unwrap_or(i as u32) })).collect();
+                let disks: Vec<_> = st.routing.disks.iter().filter_map(|d| d.bdev.as_ref().ok().map(|b| (b.name().to_string(), b.clone(), d.reactor))).collect();
+                (slots, disks)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let lookup = Arc::new(move |name: &str| disks.iter().find(|d| d.0 == name).map(|d| (d.1.clone(), d.2)));
+        let vhost = Arc::new(VhostControl::new(dir, slots, lookup));
+        for vm in vms {
+            for d in &vm.disks {
+                let Some(ctrlr) = &d.vhost else { continue };
+                let p = CreateBlkController { ctrlr: ctrlr.clone(), dev_name: format!("{}/{}", vm.name, d.name), readonly: d.read_only, cpumask: None, packed_ring: false, transport: None, num_queues: None };
+                if let Err(e) = vhost.create(p) {
+                    log::error!("vm {} disk {}: vhost controller {ctrlr}: FAILED: {e} (other controllers continue)", vm.name, d.name);
+                }
+            }
+        }
+        self.vhost = Some(vhost);
     }
 
     /// The counters table printed each interval: one line per lcore and per port.
@@ -363,7 +401,8 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     }
     let listener = RpcListener::bind(&args.rpc_socket)?;
     crate::signals::install();
-    let dp = Dataplane::start(&cfg, &args.eal)?;
+    let mut dp = Dataplane::start(&cfg, &args.eal)?;
+    dp.start_vhost(&args.vhost_dir, &cfg.vms);
     let registry = Arc::new(dp.registry());
     if let Some(saved) = &saved {
         let n = registry

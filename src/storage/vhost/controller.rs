@@ -83,6 +83,8 @@ pub struct VhostBlkController {
     stats: ControllerStats,
     /// Polls until the socket is looked at again.
     socket_countdown: u32,
+    /// Shutting down: no new requests, no messages; completions still published.
+    stopping: bool,
 }
 
 impl VhostBlkController {
@@ -131,6 +133,7 @@ impl VhostBlkController {
             scratch: Vec::new(),
             stats: ControllerStats::default(),
             socket_countdown: 0,
+            stopping: false,
         })
     }
 
@@ -176,10 +179,21 @@ impl VhostBlkController {
         self.stale + self.conn.as_ref().map_or(0, |c| c.backend.outstanding())
     }
 
+    /// Stops taking new requests and messages (shutdown): later polls only publish the
+    /// completions of requests already at the target, so a drain loop can wait for
+    /// [`VhostBlkController::inflight`] to reach 0. What is left stays marked in the inflight
+    /// region, for the next back-end to resubmit.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
     /// One round: target completions, accept, messages, rings. Returns the work done (0 = idle).
     pub fn poll(&mut self) -> usize {
         let mut work = self.target.poll();
         work += self.drain_completions();
+        if self.stopping {
+            return work;
+        }
         if self.socket_countdown == 0 {
             let sock = self.accept() + self.service_socket();
             let busy = sock > 0

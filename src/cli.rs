@@ -68,6 +68,9 @@ pub struct RunArgs {
     /// Print counters every S seconds (0 = only the summary at exit).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     pub stats_interval: f64,
+    /// Directory of the vhost-user-blk controller sockets (`<DIR>/<ctrlr>`), like SPDK's -S.
+    #[arg(long, value_name = "DIR", env = "HOSTPLANE_VHOST_DIR", default_value = crate::storage::vhost::service::DEFAULT_VHOST_DIR)]
+    pub vhost_dir: PathBuf,
     /// Lcores and EAL arguments.
     #[command(flatten)]
     pub eal: EalArgs,

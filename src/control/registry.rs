@@ -35,9 +35,6 @@ pub const PENDING: &[(&str, &str)] = &[
     ("bdev_set_qos_limit", "qos"),
     ("bdev_pause", "storage pause/drain"),
     ("bdev_resume", "storage pause/drain"),
-    ("vhost_create_blk_controller", "vhost-user-blk"),
-    ("vhost_get_controllers", "vhost-user-blk"),
-    ("vhost_delete_controller", "vhost-user-blk"),
     ("vm_attach", "per-VM disk routing"),
     ("vm_detach", "per-VM disk routing"),
 ];

@@ -89,6 +89,8 @@ pub struct VhostBlkController {
     paused: bool,
     /// Handed over to another process: never touch the socket, the rings or the path again.
     released: bool,
+    /// Shutting down: no new requests, no messages; completions still published.
+    stopping: bool,
 }
 
 impl VhostBlkController {
@@ -120,6 +122,7 @@ impl VhostBlkController {
             socket_countdown: 0,
             paused: false,
             released: false,
+            stopping: false,
         })
     }
 
@@ -276,6 +279,7 @@ impl VhostBlkController {
             socket_countdown: 0,
             paused: false,
             released: false,
+            stopping: false,
         })
     }
 
@@ -321,6 +325,14 @@ impl VhostBlkController {
         self.stale + self.conn.as_ref().map_or(0, |c| c.backend.outstanding())
     }
 
+    /// Stops taking new requests and messages (shutdown): later polls only publish the
+    /// completions of requests already at the target, so a drain loop can wait for
+    /// [`VhostBlkController::inflight`] to reach 0. What is left stays marked in the inflight
+    /// region, for the next back-end to resubmit.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
     /// One round: target completions, accept, messages, rings. Returns the work done (0 = idle).
     pub fn poll(&mut self) -> usize {
         if self.released {
@@ -328,7 +340,7 @@ impl VhostBlkController {
         }
         let mut work = self.target.poll();
         work += self.drain_completions();
-        if self.paused {
+        if self.paused || self.stopping {
             return work;
         }
         if self.socket_countdown == 0 {

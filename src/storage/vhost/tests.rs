@@ -927,95 +927,6 @@ fn refused_requests_still_reply() {
     ));
 }
 
-/// A live connection moves to another controller (as to a new process) through the handover
-/// socket: snapshot + SCM_RIGHTS fds, restore; the front-end never reconnects, the rings go on
-/// where they were, and messages are answered by the new owner.
-#[test]
-fn handover_moves_a_live_connection() {
-    use crate::handover::fdpass::{self, FdIn, FdOut};
-    use crate::storage::vhost::snapshot::ControllerSnapshot;
-    let p = sock("handover");
-    let old = BackendThread::start(vec![CtrlSpec {
-        path: p.clone(),
-        readonly: false,
-        queues: 2,
-    }]);
-    let mut g = Guest::new(2);
-    let (mut c, _region) = setup(&p, &g, 2, Some(None), 0, true);
-    for k in 0..3u16 {
-        g.write(data_gpa(0, k), &[0x10 + k as u8; 512]);
-        assert_eq!(g.io(0, k, req_type::OUT, u64::from(k), 512), 0);
-    }
-    // One request held at the target: the controller is not quiesced until it completes.
-    old.call(|c| c[0].1.set_auto(false));
-    g.write(data_gpa(1, 0), &[0x77; 512]);
-    g.request(1, 0, req_type::OUT, 100, 512);
-    wait_until("held", || old.call(|c| c[0].1.pending()) == 1);
-    old.call(|c| c[0].0.pause());
-    assert!(!old.call(|c| c[0].0.quiesced()));
-    assert!(old.call(|c| c[0].0.snapshot(&mut FdOut::default()).is_err()));
-    old.call(|c| c[0].1.set_auto(true));
-    wait_until("quiesced", || old.call(|c| c[0].0.quiesced()));
-    g.wait_used(1, 1);
-    // Paused: a new request waits in the ring.
-    g.write(data_gpa(0, 3), &[0x33; 512]);
-    g.request(0, 3, req_type::OUT, 3, 512);
-    std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(g.used_idx(0), 3, "paused: not fetched");
-
-    let (a, b) = UnixStream::pair().unwrap();
-    old.call(move |c| {
-        let mut fds = FdOut::default();
-        let snap = c[0].0.snapshot(&mut fds).unwrap();
-        let json = serde_json::to_vec(&snap).unwrap();
-        fdpass::send(&a, &json, &fds.0).unwrap();
-    });
-    let (json, fds) = fdpass::recv(&b).unwrap();
-    let snap: ControllerSnapshot = serde_json::from_slice(&json).unwrap();
-    assert_eq!(snap.conn.as_ref().unwrap().vrings[0].last_avail_idx, 3);
-    let new = BackendThread::start(Vec::new());
-    new.call(move |c| {
-        let t = MemTarget::new(BS, BLOCKS);
-        let mut fds = FdIn::new(fds);
-        let ctrl = VhostBlkController::restore(
-            VhostBlkControllerConfig {
-                name: snap.name.clone(),
-                socket_path: snap.socket_path.clone(),
-                readonly: false,
-                num_queues: 2,
-            },
-            Box::new(t.clone()),
-            &snap,
-            &mut fds,
-        )
-        .unwrap();
-        assert_eq!(fds.left(), 0, "every fd used");
-        c.push((ctrl, t));
-    });
-    old.call(|c| c[0].0.release());
-    drop(old);
-    assert!(
-        p.exists(),
-        "the released controller leaves the socket path alone"
-    );
-    // The request queued during the pause is served by the new owner, then more.
-    g.wait_used(0, 4);
-    assert_eq!(g.status(0, 3), 0);
-    for k in 4..8u16 {
-        g.write(data_gpa(0, k), &[0x40 + k as u8; 512]);
-        assert_eq!(g.io(0, k, req_type::OUT, 200 + u64::from(k), 512), 0);
-    }
-    assert_eq!(g.io(1, 1, req_type::IN, 3, 512), 0);
-    let d = new.call(|c| c[0].1.snapshot(3 * 512, 512));
-    assert!(
-        d.iter().all(|&x| x == 0x33),
-        "write after handover on the new target"
-    );
-    // Messages: the new process answers on the same connection.
-    assert_eq!(c.fe.get_queue_num().unwrap(), 2);
-    assert_eq!(c.fe.get_vring_base(0).unwrap(), 8);
-    assert!(new.call(|c| c[0].0.connected()));
-    assert_eq!(new.call(|c| c[0].0.stats().connections), 1);
 // ---- controllers on reactors, over bdevs (the control plane of `service.rs`) ----
 
 mod on_reactors {
@@ -1262,4 +1173,95 @@ mod on_reactors {
         assert!(!p0.exists() && !p1.exists());
         assert!(ctl.list(None).is_err(), "reactors are gone");
     }
+}
+
+/// A live connection moves to another controller (as to a new process) through the handover
+/// socket: snapshot + SCM_RIGHTS fds, restore; the front-end never reconnects, the rings go on
+/// where they were, and messages are answered by the new owner.
+#[test]
+fn handover_moves_a_live_connection() {
+    use crate::handover::fdpass::{self, FdIn, FdOut};
+    use crate::storage::vhost::snapshot::ControllerSnapshot;
+    let p = sock("handover");
+    let old = BackendThread::start(vec![CtrlSpec {
+        path: p.clone(),
+        readonly: false,
+        queues: 2,
+    }]);
+    let mut g = Guest::new(2);
+    let (mut c, _region) = setup(&p, &g, 2, Some(None), 0, true);
+    for k in 0..3u16 {
+        g.write(data_gpa(0, k), &[0x10 + k as u8; 512]);
+        assert_eq!(g.io(0, k, req_type::OUT, u64::from(k), 512), 0);
+    }
+    // One request held at the target: the controller is not quiesced until it completes.
+    old.call(|c| c[0].1.set_auto(false));
+    g.write(data_gpa(1, 0), &[0x77; 512]);
+    g.request(1, 0, req_type::OUT, 100, 512);
+    wait_until("held", || old.call(|c| c[0].1.pending()) == 1);
+    old.call(|c| c[0].0.pause());
+    assert!(!old.call(|c| c[0].0.quiesced()));
+    assert!(old.call(|c| c[0].0.snapshot(&mut FdOut::default()).is_err()));
+    old.call(|c| c[0].1.set_auto(true));
+    wait_until("quiesced", || old.call(|c| c[0].0.quiesced()));
+    g.wait_used(1, 1);
+    // Paused: a new request waits in the ring.
+    g.write(data_gpa(0, 3), &[0x33; 512]);
+    g.request(0, 3, req_type::OUT, 3, 512);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(g.used_idx(0), 3, "paused: not fetched");
+
+    let (a, b) = UnixStream::pair().unwrap();
+    old.call(move |c| {
+        let mut fds = FdOut::default();
+        let snap = c[0].0.snapshot(&mut fds).unwrap();
+        let json = serde_json::to_vec(&snap).unwrap();
+        fdpass::send(&a, &json, &fds.0).unwrap();
+    });
+    let (json, fds) = fdpass::recv(&b).unwrap();
+    let snap: ControllerSnapshot = serde_json::from_slice(&json).unwrap();
+    assert_eq!(snap.conn.as_ref().unwrap().vrings[0].last_avail_idx, 3);
+    let new = BackendThread::start(Vec::new());
+    new.call(move |c| {
+        let t = MemTarget::new(BS, BLOCKS);
+        let mut fds = FdIn::new(fds);
+        let ctrl = VhostBlkController::restore(
+            VhostBlkControllerConfig {
+                name: snap.name.clone(),
+                socket_path: snap.socket_path.clone(),
+                readonly: false,
+                num_queues: 2,
+            },
+            Box::new(t.clone()),
+            &snap,
+            &mut fds,
+        )
+        .unwrap();
+        assert_eq!(fds.left(), 0, "every fd used");
+        c.push((ctrl, t));
+    });
+    old.call(|c| c[0].0.release());
+    drop(old);
+    assert!(
+        p.exists(),
+        "the released controller leaves the socket path alone"
+    );
+    // The request queued during the pause is served by the new owner, then more.
+    g.wait_used(0, 4);
+    assert_eq!(g.status(0, 3), 0);
+    for k in 4..8u16 {
+        g.write(data_gpa(0, k), &[0x40 + k as u8; 512]);
+        assert_eq!(g.io(0, k, req_type::OUT, 200 + u64::from(k), 512), 0);
+    }
+    assert_eq!(g.io(1, 1, req_type::IN, 3, 512), 0);
+    let d = new.call(|c| c[0].1.snapshot(3 * 512, 512));
+    assert!(
+        d.iter().all(|&x| x == 0x33),
+        "write after handover on the new target"
+    );
+    // Messages: the new process answers on the same connection.
+    assert_eq!(c.fe.get_queue_num().unwrap(), 2);
+    assert_eq!(c.fe.get_vring_base(0).unwrap(), 8);
+    assert!(new.call(|c| c[0].0.connected()));
+    assert_eq!(new.call(|c| c[0].0.stats().connections), 1);
 }

@@ -399,18 +399,50 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
         log::info!("--json: {} MAC-NAT entries (replacing the config file's)", cfg.macnat.len());
         cfg.validate_static()?;
     }
-    let listener = RpcListener::bind(&args.rpc_socket)?;
+    // Taking over: the old process's RPC socket is live and comes with the handover.
+    let listener = match &args.takeover {
+        Some(_) => None,
+        None => Some(RpcListener::bind(&args.rpc_socket)?),
+    };
     crate::signals::install();
     let mut dp = Dataplane::start(&cfg, &args.eal)?;
-    dp.start_vhost(&args.vhost_dir, &cfg.vms);
+    // Controllers of a takeover come from the old process, not from the config.
+    dp.start_vhost(&args.vhost_dir, if args.takeover.is_some() { &[] } else { &cfg.vms });
     let registry = Arc::new(dp.registry());
+    let listener = match (&args.takeover, listener) {
+        (_, Some(l)) => l,
+        (Some(h), None) => {
+            let vhost = dp.vhost.clone().ok_or("takeover: no vhost control")?;
+            let t = crate::handover::take_over(h, &vhost).map_err(|e| format!("takeover via {}: {e}", h.display()))?;
+            println!("takeover: {} controllers from the old process, guest IO paused {:.1} ms", t.controllers.len(), t.stall.as_secs_f64() * 1e3);
+            crate::handover::create_config_controllers(&vhost, &cfg.vms);
+            match t.rpc_listener {
+                Some(fd) => RpcListener::from_fd(fd, &t.rpc_socket)?,
+                None => RpcListener::bind(&args.rpc_socket)?,
+            }
+        }
+        (None, None) => unreachable!("bound above without --takeover"),
+    };
     if let Some(saved) = &saved {
         let n = registry
             .load(saved, &["macnat"])
             .map_err(|e| format!("--json {}: {}", args.json.as_deref().unwrap_or(Path::new("")).display(), e.message))?;
         log::info!("--json: replayed {n} calls");
     }
-    let server = RpcServer::start(listener, registry, control::Limits::default())?;
+    let server = RpcServer::start(listener, registry.clone(), control::Limits::default())?;
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let handover_path = args.handover_socket.clone().unwrap_or_else(|| crate::handover::default_socket(server.path()));
+    let _handover = crate::handover::serve(
+        &handover_path,
+        crate::handover::OldSide {
+            vhost: dp.vhost.clone(),
+            registry,
+            rpc_fd: server.listener_fd(),
+            rpc_socket: server.path().to_path_buf(),
+            handed_over: handed_over.clone(),
+        },
+    )?;
+    log::info!("handover socket {}", handover_path.display());
     log::info!("JSON-RPC on {}", server.path().display());
     let started = Instant::now();
     let interval = if args.stats_interval > 0.0 { Some(Duration::from_secs_f64(args.stats_interval)) } else { None };
@@ -422,6 +454,11 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
         let now = Instant::now();
         if crate::signals::stop_requested() {
             log::info!("signal received: stopping");
+            break;
+        }
+        if handed_over.load(Ordering::SeqCst) {
+            log::info!("handed over to the new process: exiting without closing anything guests see");
+            server.keep_socket();
             break;
         }
         if args.duration.is_some_and(|d| now.duration_since(started).as_secs_f64() >= d) {

@@ -11,6 +11,8 @@
 
 use super::bdev_target::BdevTarget;
 use super::controller::{ControllerStats, VhostBlkController, VhostBlkControllerConfig};
+use super::snapshot::ControllerSnapshot;
+use crate::handover::fdpass::FdIn;
 use crate::storage::bdev::Bdev;
 use crate::storage::reactor::{PollStatus, Poller, Reactor, ReactorHandle};
 use serde::{Deserialize, Serialize};
@@ -182,6 +184,8 @@ impl Poller for VhostPoller {
 struct Spec {
     cfg: VhostBlkControllerConfig,
     bdev: Arc<Bdev>,
+    /// Taken over from another process (handover): restored paused, not bound.
+    takeover: Option<(ControllerSnapshot, FdIn)>,
 }
 
 /// Builds a controller on the calling reactor and registers its poller.
@@ -195,8 +199,18 @@ fn start_on(r: &mut Reactor, spec: Spec) -> Result<(), String> {
         .open_channel()
         .map_err(|e| format!("bdev {}: {e}", spec.bdev.name()))?;
     let socket = spec.cfg.socket_path.display().to_string();
-    let ctrl = VhostBlkController::new(spec.cfg, Box::new(BdevTarget::new(channel)))
-        .map_err(|e| format!("socket {socket}: {e}"))?;
+    let target = Box::new(BdevTarget::new(channel));
+    let ctrl = match spec.takeover {
+        Some((snap, mut fds)) => {
+            let mut c = VhostBlkController::restore(spec.cfg, target, &snap, &mut fds)
+                .map_err(|e| format!("takeover: {e}"))?;
+            // Nothing is fetched until the old process has released the rings.
+            c.pause();
+            c
+        }
+        None => VhostBlkController::new(spec.cfg, target)
+            .map_err(|e| format!("socket {socket}: {e}"))?,
+    };
     let slot: Slot = Rc::new(RefCell::new(Some(ctrl)));
     ON_REACTOR.with(|m| {
         let mut m = m.borrow_mut();
@@ -374,6 +388,17 @@ impl VhostControl {
     /// read-only flag and queues succeeds without change, so a saved config replays over the
     /// controllers of the config file.
     pub fn create(&self, p: CreateBlkController) -> Result<(), VhostError> {
+        self.create_with(p, None)
+    }
+
+    /// [`VhostControl::create`], or with `takeover`, the controller a previous process handed
+    /// over (its listening socket is live: the path is not checked nor bound). A taken-over
+    /// controller starts paused (see [`VhostControl::on_controller`]).
+    pub fn create_with(
+        &self,
+        p: CreateBlkController,
+        takeover: Option<(ControllerSnapshot, FdIn)>,
+    ) -> Result<(), VhostError> {
         if p.packed_ring {
             return Err(param(
                 "packed_ring",
@@ -459,7 +484,9 @@ impl VhostControl {
                     })?
             }
         };
-        check_socket_path(&socket)?;
+        if takeover.is_none() {
+            check_socket_path(&socket)?;
+        }
         let spec = Spec {
             cfg: VhostBlkControllerConfig {
                 name: p.ctrlr.clone(),
@@ -468,6 +495,7 @@ impl VhostControl {
                 num_queues,
             },
             bdev,
+            takeover,
         };
         call_timeout(&self.handle(reactor)?, move |r| start_on(r, spec))?
             .map_err(|e| param("ctrlr", e))?;
@@ -582,6 +610,31 @@ impl VhostControl {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// Runs `f` on controller `name`, on its reactor, and returns what it returns.
+    pub fn on_controller<R: Send + 'static>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut VhostBlkController) -> R + Send + 'static,
+    ) -> Result<R, VhostError> {
+        let reactor = self
+            .table()
+            .get(name)
+            .map(|e| e.reactor)
+            .ok_or_else(|| param("ctrlr", format!("no controller named {name:?}")))?;
+        let n = name.to_string();
+        call_timeout(&self.handle(reactor)?, move |_| {
+            let slot = local(&n)?;
+            let mut g = slot.borrow_mut();
+            g.as_mut().map(f)
+        })?
+        .ok_or_else(|| VhostError::Internal(format!("controller {name:?} is gone")))
+    }
+
+    /// The create params of every controller (as `save_config` has them).
+    pub fn params(&self) -> Vec<CreateBlkController> {
+        self.table().values().map(|e| e.params.clone()).collect()
     }
 
     /// Names of the controllers.

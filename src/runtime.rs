@@ -414,7 +414,12 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
         (Some(h), None) => {
             let vhost = dp.vhost.clone().ok_or("takeover: no vhost control")?;
             let t = crate::handover::take_over(h, &vhost).map_err(|e| format!("takeover via {}: {e}", h.display()))?;
-            println!("takeover: {} controllers from the old process, guest IO paused {:.1} ms", t.controllers.len(), t.stall.as_secs_f64() * 1e3);
+            println!(
+                "takeover: {} controllers from the old process, guest IO paused {:.1} ms (drain {:.1} ms)",
+                t.controllers.len(),
+                t.stall.as_secs_f64() * 1e3,
+                t.drain.as_secs_f64() * 1e3
+            );
             crate::handover::create_config_controllers(&vhost, &cfg.vms);
             match t.rpc_listener {
                 Some(fd) => RpcListener::from_fd(fd, &t.rpc_socket)?,

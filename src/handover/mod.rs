@@ -64,13 +64,15 @@ pub enum Msg {
         rpc_socket: PathBuf,
         /// Controller messages that follow.
         controllers: usize,
+        /// Microseconds the drain took (requests already at the bdevs completing).
+        drained_us: u64,
     },
     /// Old → new: one controller, with its fds.
     Controller {
         /// `vhost_create_blk_controller` params.
         params: CreateBlkController,
         /// Its state.
-        snapshot: ControllerSnapshot,
+        snapshot: Box<ControllerSnapshot>,
     },
     /// New → old: everything restored (paused).
     Ready,
@@ -209,6 +211,7 @@ fn hand_over_paused(s: &UnixStream, old: &OldSide, pid: u32, t0: Instant) -> Res
             config,
             rpc_socket: old.rpc_socket.clone(),
             controllers: names.len(),
+            drained_us: drained.as_micros() as u64,
         },
         &[old.rpc_fd],
     )
@@ -233,7 +236,7 @@ fn hand_over_paused(s: &UnixStream, old: &OldSide, pid: u32, t0: Instant) -> Res
                 s,
                 &Msg::Controller {
                     params: p,
-                    snapshot: snap,
+                    snapshot: Box::new(snap),
                 },
                 &fds,
             )
@@ -304,6 +307,8 @@ pub struct Takeover {
     pub controllers: Vec<String>,
     /// From hello to the controllers resumed here.
     pub stall: Duration,
+    /// The part of it the old process spent draining requests already at its bdevs.
+    pub drain: Duration,
 }
 
 /// The new process's side: connects to `path`, restores every controller into `vhost` (paused),
@@ -322,13 +327,14 @@ pub fn take_over(path: &Path, vhost: &VhostControl) -> Result<Takeover, String> 
     )
     .map_err(|e| format!("hello: {e}"))?;
     let (state, mut fds) = recv(&s).map_err(|e| format!("state: {e}"))?;
-    let (pid, config, rpc_socket, n) = match state {
+    let (pid, config, rpc_socket, n, drained_us) = match state {
         Msg::State {
             pid,
             config,
             rpc_socket,
             controllers,
-        } => (pid, config, rpc_socket, controllers),
+            drained_us,
+        } => (pid, config, rpc_socket, controllers, drained_us),
         Msg::Error { error } => return Err(format!("the old process refused: {error}")),
         m => return Err(format!("expected state, got {m:?}")),
     };
@@ -347,7 +353,7 @@ pub fn take_over(path: &Path, vhost: &VhostControl) -> Result<Takeover, String> 
                 ..params
             };
             vhost
-                .create_with(p, Some((snapshot, FdIn::new(fds))))
+                .create_with(p, Some((*snapshot, FdIn::new(fds))))
                 .map_err(|e| format!("controller {name}: {e}"))?;
             restored.push(name);
         }
@@ -387,5 +393,6 @@ pub fn take_over(path: &Path, vhost: &VhostControl) -> Result<Takeover, String> 
         config: serde_json::from_value(config).ok(),
         controllers: restored,
         stall,
+        drain: Duration::from_micros(drained_us),
     })
 }

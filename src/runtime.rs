@@ -274,6 +274,14 @@ impl Dataplane {
         if let Some(v) = &self.vhost {
             control::methods::vhost::register(&mut reg, v.clone());
         }
+        control::methods::rbd::register(
+            &mut reg,
+            Arc::new(control::methods::rbd::RbdBdevs::default()),
+        );
+        if let Some(st) = &self.storage {
+            let handles = (0..st.reactors.len()).filter_map(|i| st.reactors.handle(i)).collect();
+            control::methods::convert::register(&mut reg, crate::storage::convert::service::ConvertService::new(handles));
+        }
         reg
     }
 

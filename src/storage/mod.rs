@@ -2,8 +2,10 @@
 //!
 //! - [`reactor`]: one reactor per storage lcore (or plain thread in tests); pollers + messages.
 //! - [`bdev`]: the asynchronous block-device interface, requests, per-reactor IO channels, stats.
-//! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`].
+//! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`],
+//!   [`rbd`] (Ceph, through [`ceph`], the only caller of `rbd-sys`).
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
+//! - [`convert`]: online format conversion (qcow2/vmdk/raw → raw) while the VM runs.
 //! - [`bdevperf`]: `hostplane bench bdev`.
 //! - [`vhost`]: vhost-user-blk controllers (own vhost-user back-end, split rings, inflight).
 //! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
@@ -12,12 +14,15 @@
 
 pub mod bdev;
 pub mod bdevperf;
+pub mod ceph;
 pub mod client;
+pub mod convert;
 pub mod file;
 pub mod malloc;
 pub mod nbd;
 pub mod null;
 pub mod qos;
+pub mod rbd;
 pub mod reactor;
 pub mod registry;
 pub mod routing;

@@ -168,6 +168,18 @@ pub struct RunArgs {
     /// Print counters every S seconds (0 = only the summary at exit).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     pub stats_interval: f64,
+    /// Directory of the vhost-user-blk controller sockets (`<DIR>/<ctrlr>`), like SPDK's -S.
+    #[arg(long, value_name = "DIR", env = "HOSTPLANE_VHOST_DIR", default_value = crate::storage::vhost::service::DEFAULT_VHOST_DIR)]
+    pub vhost_dir: PathBuf,
+    /// Take over from the running hostplane listening on this handover socket (process hot
+    /// upgrade): its vhost-user connections, guest memory, rings and RPC socket move here without
+    /// a guest-visible disconnect; it exits. Give this process its own EAL `--file-prefix`.
+    #[arg(long, value_name = "SOCK")]
+    pub takeover: Option<PathBuf>,
+    /// Where this process waits for a successor (`--takeover`). Default: the RPC socket path
+    /// with `.handover` appended.
+    #[arg(long, value_name = "SOCK")]
+    pub handover_socket: Option<PathBuf>,
     /// Lcores and EAL arguments.
     #[command(flatten)]
     pub eal: EalArgs,

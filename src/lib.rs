@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod env;
+pub mod handover;
 pub mod lcores;
 pub mod net;
 pub mod runtime;

@@ -1,21 +1,30 @@
-//! hostplane's vhost-user-blk back-end under a real QEMU 7.2 guest (TCG): the guest sees the disk
-//! with the right size, serial and queues, fio verify runs clean over two queues, data written by
-//! the guest is byte-exact on the host, and restarting the back-end mid-IO (QEMU reconnects,
-//! inflight requests are resubmitted) costs no IO error.
+//! hostplane's vhost-user-blk under a real QEMU 7.2 guest (TCG).
 //!
-//! The target is the in-memory `MemTarget`; the bdev-backed (malloc/file) variant comes with the
-//! storage-branch adapter.
+//! `qemu_guest_on_hostplane_run_bdevs`: a `hostplane run` process (EAL, one storage reactor on
+//! lcore 1, no ports) serves a malloc bdev (controller declared in the config), a file bdev and a
+//! read-only malloc bdev (controllers created over JSON-RPC) to one guest with two queues per
+//! disk: the guest sees the right sizes and serials, fio crc32c verify runs clean on both
+//! writable disks, data the guest wrote to the file bdev is byte-exact in the host file, and the
+//! read-only disk reads but refuses writes.
+//!
+//! `qemu_guest_survives_backend_restarts`: one controller on the in-memory `MemTarget`, polled
+//! by a test thread, "crashed" and restarted three times under fio verify: QEMU reconnects with
+//! the inflight region and the guest sees no error.
 
+mod common;
 #[path = "guest/mod.rs"]
 mod guest;
 
 use guest::{job, Guest, GuestConfig};
 use hostplane::storage::vhost::{MemTarget, VhostBlkController, VhostBlkControllerConfig};
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const DISK_BYTES: u64 = 64 << 20;
+const RO_BYTES: u64 = 16 << 20;
 const BS: u32 = 512;
 const PATTERN_OFFSET: u64 = 48 << 20;
 const PATTERN_BYTES: usize = 64 << 10;
@@ -23,7 +32,6 @@ const PATTERN_BYTES: usize = 64 << 10;
 enum Cmd {
     /// Crash-like restart: drop what the target holds, drop the controller, wait, listen again.
     Restart(Duration),
-    Snapshot(u64, usize, mpsc::Sender<Vec<u8>>),
     Stop,
 }
 
@@ -83,9 +91,6 @@ impl Backend {
                         disk.set_auto(true);
                         ctrl = Some(make(&disk));
                     }
-                    Ok(Cmd::Snapshot(off, len, r)) => {
-                        let _ = r.send(disk.snapshot(off as usize, len));
-                    }
                     Ok(Cmd::Stop) | Err(mpsc::TryRecvError::Disconnected) => {
                         let st = ctrl.map(|c| c.stats()).unwrap_or_default();
                         return Counts {
@@ -112,12 +117,6 @@ impl Backend {
             tx,
             join: Some(join),
         }
-    }
-
-    fn snapshot(&self, off: u64, len: usize) -> Vec<u8> {
-        let (t, r) = mpsc::channel();
-        self.tx.send(Cmd::Snapshot(off, len, t)).unwrap();
-        r.recv().unwrap()
     }
 
     fn stop(mut self) -> Counts {
@@ -151,6 +150,90 @@ fn pattern(n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A `hostplane run` child process with its own RPC socket and vhost socket directory.
+struct Hostplane {
+    child: Option<Child>,
+    rpc: PathBuf,
+    log: PathBuf,
+}
+
+impl Hostplane {
+    fn start(dir: &Path, config: &Path) -> Hostplane {
+        let rpc = common::rpc_socket("vhost-qemu");
+        let log = dir.join("hostplane.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hostplane"))
+            .args(["run", "-l", "0-1", "--stats-interval", "0", "--config"])
+            .arg(config)
+            .arg("-r")
+            .arg(&rpc)
+            .arg("--vhost-dir")
+            .arg(dir)
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn hostplane run");
+        let hp = Hostplane {
+            child: Some(child),
+            rpc,
+            log,
+        };
+        let until = Instant::now() + Duration::from_secs(60);
+        while !hp.rpc.exists() {
+            assert!(
+                Instant::now() < until,
+                "hostplane did not start:\n{}",
+                hp.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The socket is bound before EAL starts; the first answer comes once all is up.
+        if let Err(e) = hp.rpc("spdk_get_version", &[]) {
+            panic!("hostplane does not answer: {e}\n{}", hp.log_text());
+        }
+        hp
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `hostplane rpc -s SOCK METHOD ARGS...`: the result, or the error text.
+    fn rpc(&self, method: &str, args: &[&str]) -> Result<Value, String> {
+        let out = Command::new(env!("CARGO_BIN_EXE_hostplane"))
+            .args(["rpc", "-s"])
+            .arg(&self.rpc)
+            .arg(method)
+            .args(args)
+            .output()
+            .expect("run hostplane rpc");
+        if out.status.success() {
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// SIGTERM, then the exit status and the log.
+    fn stop(mut self) -> (bool, String) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let ok = child.wait().map(|s| s.success()).unwrap_or(false);
+        (ok, self.log_text())
+    }
+}
+
+impl Drop for Hostplane {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn images() -> Option<guest::GuestImages> {
     match guest::images() {
         Ok(i) => Some(i),
@@ -162,56 +245,141 @@ fn images() -> Option<guest::GuestImages> {
 }
 
 #[test]
-fn qemu_guest_fio_verify_on_hostplane_vhost_blk() {
+fn qemu_guest_on_hostplane_run_bdevs() {
     let Some(images) = images() else { return };
-    let dir = scratch("rw");
-    let socket = dir.join("vhost.0");
-    let be = Backend::start("hp-disk-0", &socket, false, 2);
-    let common = "--filename=/dev/vda --ioengine=libaio --iodepth=16 --direct=1 \
-                  --verify=crc32c --do_verify=1 --size=16M";
+    let dir = scratch("run");
+    let data = dir.join("vm1-data.img");
+    let config = dir.join("hostplane.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[eal]
+args = {eal:?}
+
+[[vm]]
+name = "vm1"
+[[vm.disk]]
+name = "boot"
+system = "malloc"
+params = {{ size_mib = {mib} }}
+vhost = "vm1-disk0"
+[[vm.disk]]
+name = "data"
+system = "file"
+params = {{ path = "{data}", size_mib = {mib} }}
+[[vm.disk]]
+name = "golden"
+system = "malloc"
+params = {{ size_mib = {ro_mib} }}
+"#,
+            eal = common::eal_test_args("vhost-qemu"),
+            mib = DISK_BYTES >> 20,
+            ro_mib = RO_BYTES >> 20,
+            data = data.display()
+        ),
+    )
+    .unwrap();
+    let hp = Hostplane::start(&dir, &config);
+    // vda: declared in the config. vdb and vdc: created over JSON-RPC.
+    assert!(dir.join("vm1-disk0").exists(), "{}", hp.log_text());
+    let e = hp
+        .rpc(
+            "vhost_create_blk_controller",
+            &["--ctrlr", "x", "--dev-name", "vm1/data", "--packed-ring"],
+        )
+        .unwrap_err();
+    assert!(e.contains("packed_ring") && e.contains("-32602"), "{e}");
+    for args in [
+        &[
+            "--ctrlr",
+            "vm1-disk1",
+            "--dev-name",
+            "vm1/data",
+            "--cpumask",
+            "0x2",
+        ][..],
+        &[
+            "--ctrlr",
+            "vm1-ro",
+            "--dev-name",
+            "vm1/golden",
+            "--readonly",
+        ][..],
+    ] {
+        assert_eq!(
+            hp.rpc("vhost_create_blk_controller", args),
+            Ok(Value::Bool(true)),
+            "{}",
+            hp.log_text()
+        );
+    }
+    let sockets: Vec<PathBuf> = ["vm1-disk0", "vm1-disk1", "vm1-ro"]
+        .iter()
+        .map(|n| dir.join(n))
+        .collect();
+
+    let fio = |name: &str, dev: &str, rw: &str| {
+        job::fio(
+            name,
+            &format!(
+                "--name=j --filename=/dev/{dev} --ioengine=libaio --iodepth=16 --direct=1 \
+                 --verify=crc32c --do_verify=1 --size=16M {rw}"
+            ),
+        )
+    };
+    let mixed = "--rw=randrw --rwmixread=50 --bssplit=4k/50:16k/30:64k/20 --offset=16M";
     let script = [
         job::disk_info("vda"),
-        job::fio(
-            "fio.randwrite",
-            &format!("--name=v --rw=randwrite --bs=4k {common}"),
-        ),
-        job::fio(
-            "fio.mixed",
-            &format!(
-                "--name=m --rw=randrw --rwmixread=50 --bssplit=4k/50:16k/30:64k/20 \
-                 --offset=16M {common}"
-            ),
-        ),
+        job::disk_info("vdb"),
+        job::disk_info("vdc"),
+        fio("fio.malloc.randwrite", "vda", "--rw=randwrite --bs=4k"),
+        fio("fio.malloc.mixed", "vda", mixed),
+        fio("fio.file.randwrite", "vdb", "--rw=randwrite --bs=4k"),
+        fio("fio.file.mixed", "vdb", mixed),
+        job::write_file_at("dd.pattern", "/pattern.bin", "vdb", PATTERN_OFFSET),
         job::run(
-            "discard",
-            "blkdiscard --offset 33554432 --length 1048576 /dev/vda || true",
+            "ro.read",
+            "dd if=/dev/vdc of=/dev/null bs=64k count=16 iflag=direct",
         ),
-        job::write_file_at("dd.pattern", "/pattern.bin", "vda", PATTERN_OFFSET),
+        job::write_file_at("ro.write", "/pattern.bin", "vdc", 0),
     ]
     .concat();
     let want = pattern(PATTERN_BYTES);
     let out = Guest::launch(
         &images,
         GuestConfig {
-            vhost_sockets: vec![socket.clone()],
+            vhost_sockets: sockets.clone(),
             num_queues: 2,
             smp: 2,
             job: script,
             files: vec![("/pattern.bin".into(), want.clone())],
-            timeout: Duration::from_secs(150),
+            timeout: Duration::from_secs(300),
             ..Default::default()
         },
     )
     .expect("launch guest")
     .wait()
-    .unwrap_or_else(|e| panic!("guest run: {e}"));
-    let disk = out.disk("vda").expect("disk info");
-    println!("guest disk vda: {disk}");
-    assert_eq!(disk.sectors * 512, DISK_BYTES);
-    assert_eq!(disk.serial, "hp-disk-0");
-    assert!(!disk.read_only);
-    assert_eq!(disk.queues, 2);
-    for name in ["fio.randwrite", "fio.mixed"] {
+    .unwrap_or_else(|e| panic!("guest run: {e}\n--- hostplane ---\n{}", hp.log_text()));
+
+    for (dev, bytes, serial, ro) in [
+        ("vda", DISK_BYTES, "vm1-disk0", false),
+        ("vdb", DISK_BYTES, "vm1-disk1", false),
+        ("vdc", RO_BYTES, "vm1-ro", true),
+    ] {
+        let disk = out.disk(dev).expect("disk info");
+        println!("guest disk {dev}: {disk}");
+        assert_eq!(disk.sectors * 512, bytes, "{dev}");
+        assert_eq!(disk.serial, serial, "{dev}");
+        assert_eq!(disk.read_only, ro, "{dev}");
+        assert_eq!(disk.queues, 2, "{dev}");
+    }
+    for name in [
+        "fio.malloc.randwrite",
+        "fio.malloc.mixed",
+        "fio.file.randwrite",
+        "fio.file.mixed",
+    ] {
         let fio = out
             .fio(name)
             .unwrap_or_else(|e| panic!("{e}\n{}", out.console));
@@ -222,48 +390,76 @@ fn qemu_guest_fio_verify_on_hostplane_vhost_blk() {
             fio.read_bytes() >> 10
         );
     }
+    // What the guest wrote to the file bdev is in the host file, byte for byte.
     assert_eq!(out.int("dd.pattern.rc").ok(), Some(0), "{:?}", out.blobs);
+    let host = std::fs::read(&data).unwrap();
+    let at = PATTERN_OFFSET as usize;
     assert!(
-        be.snapshot(PATTERN_OFFSET, PATTERN_BYTES) == want,
-        "host disk differs from what the guest wrote"
+        host[at..at + PATTERN_BYTES] == want[..],
+        "host file differs from what the guest wrote"
     );
-    let counts = be.stop();
-    println!("requests: {counts:?}");
-    assert!(counts.completed > 1000, "{counts:?}");
-}
-
-#[test]
-fn qemu_guest_readonly_on_hostplane_vhost_blk() {
-    let Some(images) = images() else { return };
-    let dir = scratch("ro");
-    let socket = dir.join("vhost.ro");
-    let _be = Backend::start("hp-ro", &socket, true, 1);
-    let script = [
-        job::disk_info("vda"),
-        job::run(
-            "ro.read",
-            "dd if=/dev/vda of=/dev/null bs=64k count=16 iflag=direct",
-        ),
-        job::write_file_at("ro.write", "/pattern.bin", "vda", 0),
-    ]
-    .concat();
-    let out = Guest::launch(
-        &images,
-        GuestConfig {
-            vhost_sockets: vec![socket.clone()],
-            job: script,
-            files: vec![("/pattern.bin".into(), pattern(4096))],
-            timeout: Duration::from_secs(90),
-            ..Default::default()
-        },
-    )
-    .expect("launch guest")
-    .wait()
-    .unwrap_or_else(|e| panic!("guest run: {e}"));
-    let disk = out.disk("vda").expect("disk info");
-    assert!(disk.read_only, "{disk}");
+    // Read-only: reads work, writes fail.
     assert_eq!(out.int("ro.read.rc").ok(), Some(0), "{:?}", out.blobs);
     assert_ne!(out.int("ro.write.rc").ok(), Some(0), "write must fail");
+
+    // The controllers as SPDK tooling sees them.
+    let list = hp.rpc("vhost_get_controllers", &[]).unwrap();
+    println!("vhost_get_controllers: {list}");
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    for c in list {
+        assert_eq!(c["cpumask"], "0x2", "the reactor on lcore 1");
+        assert_eq!(c["socket"], json!(dir.join(c["ctrlr"].as_str().unwrap())));
+        assert!(c["stats"]["connections"].as_u64() >= Some(1), "{c}");
+        assert_eq!(c["stats"]["resets"], 0, "{c}");
+    }
+    for (i, bdev) in [(0, "vm1/boot"), (1, "vm1/data")] {
+        assert_eq!(list[i]["backend_specific"]["block"]["bdev"], bdev);
+        assert!(
+            list[i]["stats"]["completed"].as_u64() > Some(4000),
+            "{}",
+            list[i]
+        );
+    }
+    assert_eq!(list[2]["backend_specific"]["block"]["readonly"], true);
+    if guest::have_program("spdk-rpc") {
+        let out = Command::new("spdk-rpc")
+            .arg("-s")
+            .arg(&hp.rpc)
+            .arg("vhost_get_controllers")
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v.as_array().map(Vec::len), Some(3), "spdk-rpc: {v}");
+    }
+    let saved = hp.rpc("save_config", &[]).unwrap();
+    let vhost = saved["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["subsystem"] == "vhost_blk")
+        .expect("vhost_blk subsystem");
+    assert_eq!(vhost["config"].as_array().unwrap().len(), 3, "{vhost}");
+    assert_eq!(
+        vhost["config"][2],
+        json!({"method": "vhost_create_blk_controller", "params":
+            {"ctrlr": "vm1-ro", "dev_name": "vm1/golden", "readonly": true, "cpumask": "0x2"}})
+    );
+    // QEMU is gone: a controller can be deleted, its socket goes with it.
+    assert_eq!(
+        hp.rpc("vhost_delete_controller", &["--ctrlr", "vm1-ro"]),
+        Ok(Value::Bool(true))
+    );
+    assert!(!sockets[2].exists());
+    let (ok, log) = hp.stop();
+    assert!(ok, "hostplane run failed:\n{log}");
+    assert!(log.contains("disk vm1/data [file] reactor 0"), "{log}");
+    assert!(
+        !sockets[0].exists() && !sockets[1].exists(),
+        "sockets removed at exit"
+    );
 }
 
 /// The back-end is "crashed" (its pending requests dropped, socket closed) and restarted three
@@ -312,6 +508,7 @@ fn qemu_guest_survives_backend_restarts() {
     fio.assert_clean();
     let counts = be.stop();
     println!("requests: {counts:?}");
+    assert!(counts.completed > 1000, "{counts:?}");
     assert!(counts.aborted > 0, "the crashes caught requests in flight");
     assert_eq!(
         counts.resubmitted, counts.aborted,

@@ -24,9 +24,6 @@ pub type ConfigSaver = Box<dyn Fn() -> Vec<ConfigCall> + Send + Sync>;
 pub const PENDING: &[(&str, &str)] = &[
     ("bdev_pause", "storage pause/drain"),
     ("bdev_resume", "storage pause/drain"),
-    ("vhost_create_blk_controller", "vhost-user-blk"),
-    ("vhost_get_controllers", "vhost-user-blk"),
-    ("vhost_delete_controller", "vhost-user-blk"),
 ];
 
 /// Methods the registry itself answers (they need the registry).

@@ -85,6 +85,8 @@ pub struct RpcListener {
     path: PathBuf,
     /// (dev, ino) of our socket file, so we never remove someone else's.
     id: (u64, u64),
+    /// Handed to another process (hot upgrade): leave the file alone.
+    keep: AtomicBool,
 }
 
 impl RpcListener {
@@ -135,6 +137,24 @@ impl RpcListener {
             listener,
             path: path.to_path_buf(),
             id: (m.dev(), m.ino()),
+            keep: AtomicBool::new(false),
+        })
+    }
+
+    /// A listening socket received from the process this one replaces (hot upgrade): already
+    /// bound at `path`, already accepting clients into its backlog.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, path: &Path) -> Result<RpcListener, ServerError> {
+        let p = path.display().to_string();
+        let m = std::fs::symlink_metadata(path).map_err(|err| ServerError::Io {
+            path: p,
+            what: "stat",
+            err,
+        })?;
+        Ok(RpcListener {
+            listener: UnixListener::from(fd),
+            path: path.to_path_buf(),
+            id: (m.dev(), m.ino()),
+            keep: AtomicBool::new(false),
         })
     }
 
@@ -144,6 +164,9 @@ impl RpcListener {
     }
 
     fn remove_file(&self) {
+        if self.keep.load(Ordering::SeqCst) {
+            return;
+        }
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
             if (m.dev(), m.ino()) == self.id {
                 let _ = std::fs::remove_file(&self.path);
@@ -249,6 +272,16 @@ impl RpcServer {
     /// Stops accepting, waits for the connection threads, removes the socket file.
     pub fn stop(mut self) {
         self.shutdown();
+    }
+
+    /// The listening socket (to hand to a new process; it stays open here until stop).
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        self.listener.listener.as_raw_fd()
+    }
+
+    /// The socket now belongs to a new process: [`RpcServer::stop`] and drop leave the file.
+    pub fn keep_socket(&self) {
+        self.listener.keep.store(true, Ordering::SeqCst);
     }
 
     fn shutdown(&mut self) {

@@ -454,9 +454,12 @@ impl Reactor {
             } else {
                 bump(&self.counters.idle_tsc, dt);
                 idle_run += 1;
-                if let Some(s) = self.opts.idle_sleep {
-                    if idle_run >= self.opts.idle_spins {
-                        std::thread::sleep(s);
+                if idle_run >= self.opts.idle_spins {
+                    match self.opts.idle_sleep {
+                        Some(s) => std::thread::sleep(s),
+                        // Free on a dedicated core; when two processes' reactors share a CPU
+                        // (a hot upgrade), the busy one gets it at once instead of after a slice.
+                        None => std::thread::yield_now(),
                     }
                 }
             }

@@ -51,6 +51,9 @@ pub struct DiskSection {
     pub read_only: bool,
     /// Reactor index serving this disk (default: round robin).
     pub reactor: Option<u32>,
+    /// Serve it over vhost-user-blk: the controller name (socket `<vhost dir>/<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost: Option<String>,
     /// The storage system's parameters.
     #[serde(default)]
     pub params: toml::Table,

@@ -8,3 +8,4 @@ pub mod framework;
 pub mod net;
 pub mod rbd;
 pub mod storage;
+pub mod vhost;

@@ -11,6 +11,8 @@
 use super::backend::{Backend, Outcome};
 use super::blk::{BlkGeometry, BlockTarget, CompletionQueue, ID_LEN};
 use super::msg::{self, MsgError, MsgReader};
+use super::snapshot::{ControllerSnapshot, SnapshotError};
+use crate::handover::fdpass::{FdIn, FdOut};
 use log::{info, warn};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -83,6 +85,12 @@ pub struct VhostBlkController {
     stats: ControllerStats,
     /// Polls until the socket is looked at again.
     socket_countdown: u32,
+    /// Paused for a handover: completions are published, nothing new is fetched or read.
+    paused: bool,
+    /// Handed over to another process: never touch the socket, the rings or the path again.
+    released: bool,
+    /// Shutting down: no new requests, no messages; completions still published.
+    stopping: bool,
 }
 
 impl VhostBlkController {
@@ -91,26 +99,7 @@ impl VhostBlkController {
         cfg: VhostBlkControllerConfig,
         target: Box<dyn BlockTarget>,
     ) -> io::Result<VhostBlkController> {
-        if cfg.num_queues == 0 || cfg.num_queues > 64 {
-            return Err(io::Error::other("num_queues must be 1..=64"));
-        }
-        let bs = target.block_size();
-        if bs < 512 || !bs.is_power_of_two() {
-            return Err(io::Error::other("block size must be a power of two ≥ 512"));
-        }
-        let mut serial = [0u8; ID_LEN];
-        let n = cfg.name.len().min(ID_LEN);
-        serial[..n].copy_from_slice(&cfg.name.as_bytes()[..n]);
-        let geo = BlkGeometry {
-            block_size: bs,
-            num_blocks: target.num_blocks(),
-            readonly: cfg.readonly || target.readonly(),
-            num_queues: cfg.num_queues,
-            serial,
-            discard: target.supports(super::blk::BlkOp::Discard),
-            write_zeroes: target.supports(super::blk::BlkOp::WriteZeroes),
-            flush: target.supports(super::blk::BlkOp::Flush),
-        };
+        let geo = Self::geometry_of(&cfg, target.as_ref())?;
         match std::fs::remove_file(&cfg.socket_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -131,6 +120,166 @@ impl VhostBlkController {
             scratch: Vec::new(),
             stats: ControllerStats::default(),
             socket_countdown: 0,
+            paused: false,
+            released: false,
+            stopping: false,
+        })
+    }
+
+    fn geometry_of(
+        cfg: &VhostBlkControllerConfig,
+        target: &dyn BlockTarget,
+    ) -> io::Result<BlkGeometry> {
+        if cfg.num_queues == 0 || cfg.num_queues > 64 {
+            return Err(io::Error::other("num_queues must be 1..=64"));
+        }
+        let bs = target.block_size();
+        if bs < 512 || !bs.is_power_of_two() {
+            return Err(io::Error::other("block size must be a power of two ≥ 512"));
+        }
+        let mut serial = [0u8; ID_LEN];
+        let n = cfg.name.len().min(ID_LEN);
+        serial[..n].copy_from_slice(&cfg.name.as_bytes()[..n]);
+        Ok(BlkGeometry {
+            block_size: bs,
+            num_blocks: target.num_blocks(),
+            readonly: cfg.readonly || target.readonly(),
+            num_queues: cfg.num_queues,
+            serial,
+            discard: target.supports(super::blk::BlkOp::Discard),
+            write_zeroes: target.supports(super::blk::BlkOp::WriteZeroes),
+            flush: target.supports(super::blk::BlkOp::Flush),
+        })
+    }
+
+    /// Stops fetching requests and reading messages (handover). Completions still publish.
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Undoes [`VhostBlkController::pause`] (a handover that failed before the new process
+    /// acknowledged).
+    pub fn resume(&mut self) {
+        self.paused = false;
+        self.socket_countdown = 0;
+    }
+
+    /// Paused with nothing at the target, no message half read and no GET_VRING_BASE waiting:
+    /// the state is complete and stable, a snapshot may be taken.
+    pub fn quiesced(&self) -> bool {
+        self.paused
+            && self.inflight() == 0
+            && self
+                .conn
+                .as_ref()
+                .is_none_or(|c| !c.reader.partial() && c.draining.is_none())
+    }
+
+    /// The state a new process needs; fds are added to `fds` (borrowed: they stay open here
+    /// until [`VhostBlkController::release`] and the process exit).
+    pub fn snapshot(&self, fds: &mut FdOut) -> Result<ControllerSnapshot, SnapshotError> {
+        if !self.quiesced() {
+            return Err(SnapshotError::Busy(self.cfg.name.clone()));
+        }
+        let listener = fds.add(&self.listener);
+        let conn = self.conn.as_ref().map(|c| {
+            let stream = fds.add(&c.stream);
+            c.backend.snapshot(stream, fds)
+        });
+        Ok(ControllerSnapshot {
+            name: self.cfg.name.clone(),
+            socket_path: self.cfg.socket_path.clone(),
+            readonly: self.cfg.readonly,
+            num_queues: self.cfg.num_queues,
+            block_size: self.geo.block_size,
+            num_blocks: self.geo.num_blocks,
+            listener,
+            conn_gen: self.conn_gen,
+            conn,
+        })
+    }
+
+    /// The new process owns everything now: never poll, reply or unlink the socket again.
+    pub fn release(&mut self) {
+        self.released = true;
+        self.paused = true;
+    }
+
+    /// Whether [`VhostBlkController::release`] was called.
+    pub fn released(&self) -> bool {
+        self.released
+    }
+
+    /// A controller taken over from another process: the listening and connected sockets and
+    /// the connection state come from `snap` and `fds`; rings restart where the old process
+    /// stopped. The geometry must match what the guest negotiated.
+    pub fn restore(
+        cfg: VhostBlkControllerConfig,
+        target: Box<dyn BlockTarget>,
+        snap: &ControllerSnapshot,
+        fds: &mut FdIn,
+    ) -> Result<VhostBlkController, SnapshotError> {
+        let name = cfg.name.clone();
+        let io_err = |err: io::Error| SnapshotError::Io {
+            name: name.clone(),
+            err,
+        };
+        let geo = Self::geometry_of(&cfg, target.as_ref()).map_err(io_err)?;
+        let mismatch = |what: String| SnapshotError::Mismatch {
+            name: name.clone(),
+            what,
+        };
+        if snap.conn.is_some()
+            && (geo.block_size != snap.block_size
+                || geo.num_blocks != snap.num_blocks
+                || cfg.num_queues != snap.num_queues)
+        {
+            return Err(mismatch(format!(
+                "target {}x{} B with {} queues, the guest negotiated {}x{} B with {}",
+                geo.num_blocks,
+                geo.block_size,
+                cfg.num_queues,
+                snap.num_blocks,
+                snap.block_size,
+                snap.num_queues
+            )));
+        }
+        let listener = UnixListener::from(fds.take(snap.listener).map_err(io_err)?);
+        listener.set_nonblocking(true).map_err(io_err)?;
+        let conn = match &snap.conn {
+            Some(cs) => {
+                let stream = UnixStream::from(fds.take(cs.stream).map_err(io_err)?);
+                stream.set_nonblocking(true).map_err(io_err)?;
+                let backend = Backend::restore(&cfg.name, geo.clone(), snap.conn_gen, cs, fds)
+                    .map_err(io_err)?;
+                Some(Connection {
+                    stream,
+                    reader: MsgReader::new(),
+                    backend,
+                    draining: None,
+                })
+            }
+            None => None,
+        };
+        let stats = ControllerStats {
+            connections: u64::from(conn.is_some()),
+            ..ControllerStats::default()
+        };
+        Ok(VhostBlkController {
+            cfg,
+            geo,
+            listener,
+            target,
+            conn,
+            sink: CompletionQueue::default(),
+            conn_gen: snap.conn_gen,
+            stale: 0,
+            scratch: Vec::new(),
+            stats,
+            socket_countdown: 0,
+            paused: false,
+            released: false,
+            stopping: false,
         })
     }
 
@@ -176,10 +325,24 @@ impl VhostBlkController {
         self.stale + self.conn.as_ref().map_or(0, |c| c.backend.outstanding())
     }
 
+    /// Stops taking new requests and messages (shutdown): later polls only publish the
+    /// completions of requests already at the target, so a drain loop can wait for
+    /// [`VhostBlkController::inflight`] to reach 0. What is left stays marked in the inflight
+    /// region, for the next back-end to resubmit.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
     /// One round: target completions, accept, messages, rings. Returns the work done (0 = idle).
     pub fn poll(&mut self) -> usize {
+        if self.released {
+            return 0;
+        }
         let mut work = self.target.poll();
         work += self.drain_completions();
+        if self.paused || self.stopping {
+            return work;
+        }
         if self.socket_countdown == 0 {
             let sock = self.accept() + self.service_socket();
             let busy = sock > 0
@@ -351,6 +514,10 @@ impl VhostBlkController {
 
 impl Drop for VhostBlkController {
     fn drop(&mut self) {
+        if self.released {
+            // The path belongs to the new process now.
+            return;
+        }
         let _ = std::fs::remove_file(&self.cfg.socket_path);
     }
 }

@@ -143,7 +143,10 @@ impl Guest {
         self.write(hg + 16, &[0xff]);
         let t = desc_gpa(q);
         let d0 = 3 * k;
-        let data_flags = if rtype == req_type::OUT || rtype == req_type::DISCARD {
+        let data_flags = if matches!(
+            rtype,
+            req_type::OUT | req_type::DISCARD | req_type::WRITE_ZEROES
+        ) {
             VRING_DESC_F_NEXT
         } else {
             VRING_DESC_F_NEXT | VRING_DESC_F_WRITE
@@ -922,4 +925,343 @@ fn refused_requests_still_reply() {
         b.handle(msg(req::SET_MEM_TABLE, vec![1, 0, 0, 0])),
         Outcome::Ack(false)
     ));
+}
+
+// ---- controllers on reactors, over bdevs (the control plane of `service.rs`) ----
+
+mod on_reactors {
+    use super::*;
+    use crate::control::Registry;
+    use crate::storage::client::BdevClient;
+    use crate::storage::reactor::{ReactorOptions, ReactorSet};
+    use crate::storage::vhost::service::{ReactorSlot, VhostControl};
+    use crate::storage::vhost::{CreateBlkController, VhostError};
+    use crate::storage::{BackendRegistry, Bdev};
+    use serde_json::{json, Value};
+    use std::sync::Arc;
+
+    fn create(ctrlr: &str, dev: &str) -> CreateBlkController {
+        CreateBlkController {
+            ctrlr: ctrlr.into(),
+            dev_name: dev.into(),
+            readonly: false,
+            cpumask: None,
+            packed_ring: false,
+            transport: None,
+            num_queues: Some(2),
+        }
+    }
+
+    fn err(r: Result<(), VhostError>) -> String {
+        r.expect_err("must fail").to_string()
+    }
+
+    /// Two thread reactors ("cores" 0 and 1); bdevs `m0` (malloc, owned by reactor 1) and `f0`
+    /// (file, owned by reactor 0).
+    fn setup_control(name: &str) -> (ReactorSet, Arc<VhostControl>, Vec<Arc<Bdev>>, PathBuf) {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let dir = std::env::temp_dir().join(format!("hp-vhctl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let set = ReactorSet::spawn_threads(2, ReactorOptions::polite()).unwrap();
+        let reg = BackendRegistry::with_builtin();
+        let m0 = reg
+            .create("malloc", "m0", &json!({"size_mib": 1}), false)
+            .unwrap();
+        let f0 = reg
+            .create(
+                "file",
+                "f0",
+                &json!({"path": dir.join("f0.img"), "size_mib": 1}),
+                false,
+            )
+            .unwrap();
+        let bdevs = vec![m0, f0];
+        let table: Vec<(Arc<Bdev>, u32)> = vec![(bdevs[0].clone(), 1), (bdevs[1].clone(), 0)];
+        let slots = (0..2)
+            .map(|i| ReactorSlot {
+                handle: set.handle(i).unwrap(),
+                core: i as u32,
+            })
+            .collect();
+        let ctl = Arc::new(VhostControl::new(
+            &dir,
+            slots,
+            Arc::new(move |n: &str| table.iter().find(|(b, _)| b.name() == n).cloned()),
+        ));
+        (set, ctl, bdevs, dir)
+    }
+
+    #[test]
+    fn create_checks_params() {
+        let (_set, ctl, _b, dir) = setup_control("params");
+        let e = err(ctl.create(CreateBlkController {
+            packed_ring: true,
+            ..create("c", "m0")
+        }));
+        assert!(
+            e.starts_with("packed_ring:") && e.contains("not supported"),
+            "{e}"
+        );
+        let e = err(ctl.create(CreateBlkController {
+            transport: Some("vhost_user_scsi".into()),
+            ..create("c", "m0")
+        }));
+        assert!(e.starts_with("transport:"), "{e}");
+        let e = err(ctl.create(create("c", "nope")));
+        assert!(e.starts_with("dev_name:") && e.contains("nope"), "{e}");
+        let e = err(ctl.create(CreateBlkController {
+            cpumask: Some("0x4".into()),
+            ..create("c", "m0")
+        }));
+        assert!(
+            e.starts_with("cpumask:") && e.contains("storage lcores: 0, 1"),
+            "{e}"
+        );
+        let e = err(ctl.create(CreateBlkController {
+            cpumask: Some("0xzz".into()),
+            ..create("c", "m0")
+        }));
+        assert!(e.starts_with("cpumask:"), "{e}");
+        for bad in ["", "a/b", ".x", "a b"] {
+            assert!(err(ctl.create(create(bad, "m0"))).starts_with("ctrlr:"));
+        }
+        let long = "x".repeat(120);
+        assert!(err(ctl.create(create(&long, "m0"))).contains("longer than"));
+        // A file that is not a socket is left alone.
+        std::fs::write(dir.join("plain"), b"keep").unwrap();
+        let e = err(ctl.create(create("plain", "m0")));
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(dir.join("plain")).unwrap(), b"keep");
+        // Another process's live socket is refused too.
+        let _live = std::os::unix::net::UnixListener::bind(dir.join("live")).unwrap();
+        let e = err(ctl.create(create("live", "m0")));
+        assert!(e.contains("another process"), "{e}");
+        // A stale one is replaced.
+        drop(std::os::unix::net::UnixListener::bind(dir.join("stale")).unwrap());
+        ctl.create(create("stale", "m0")).unwrap();
+        assert_eq!(ctl.names(), vec!["stale".to_string()]);
+    }
+
+    #[test]
+    fn guest_io_reaches_the_bdevs() {
+        let (mut set, ctl, bdevs, dir) = setup_control("io");
+        ctl.create(create("c0", "m0")).unwrap();
+        ctl.create(CreateBlkController {
+            readonly: true,
+            cpumask: Some("[0]".into()),
+            ..create("c1", "f0")
+        })
+        .unwrap();
+        // Same params again: no-op; other params: refused; one bdev, one controller.
+        ctl.create(create("c0", "m0")).unwrap();
+        assert!(err(ctl.create(create("c0", "f0"))).contains("exists"));
+        let e = err(ctl.create(create("c2", "m0")));
+        assert!(e.contains("already served by controller \"c0\""), "{e}");
+
+        let list = ctl.list(None).unwrap();
+        assert_eq!(list.as_array().unwrap().len(), 2);
+        let c0 = &list[0];
+        assert_eq!(c0["ctrlr"], "c0");
+        assert_eq!(c0["cpumask"], "0x2", "default: the bdev's owner reactor");
+        assert_eq!(c0["socket"], json!(dir.join("c0")));
+        assert_eq!(c0["sessions"], json!([]));
+        assert_eq!(
+            c0["backend_specific"],
+            json!({"block": {"readonly": false, "bdev": "m0", "transport": "vhost_user_blk"}})
+        );
+        assert_eq!(list[1]["cpumask"], "0x1");
+        assert!(ctl.list(Some("zz")).is_err());
+
+        // The malloc controller: guest writes land in the bdev, bdev data reaches the guest.
+        let p0 = dir.join("c0");
+        let mut g = Guest::new(2);
+        let (c, _) = setup(&p0, &g, 2, Some(None), 0, true);
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+        g.write(data_gpa(1, 0), &pattern);
+        assert_eq!(g.io(1, 0, req_type::OUT, 16, 8192), 0);
+        let client = BdevClient::open(&set.handle(1).unwrap(), &bdevs[0]).unwrap();
+        assert_eq!(client.read(16 * 512, 8192).unwrap(), pattern);
+        let other: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        assert!(client.write(64 * 512, &other).is_ok());
+        assert_eq!(g.io(0, 0, req_type::IN, 64, 4096), 0);
+        assert_eq!(g.read(data_gpa(0, 0), 4096), other);
+        assert_eq!(g.io(0, 1, req_type::GET_ID, 0, 20), 0);
+        assert_eq!(&g.read(data_gpa(0, 1), 3), b"c0\0");
+        assert_eq!(g.io(0, 2, req_type::FLUSH, 0, 0), 0);
+        g.write(data_gpa(0, 3), &range_segment(16, 8));
+        assert_eq!(g.io(0, 3, req_type::DISCARD, 0, 16), 0);
+        g.write(data_gpa(0, 4), &range_segment(24, 8));
+        assert_eq!(g.io(0, 4, req_type::WRITE_ZEROES, 0, 16), 0);
+        assert!(client.read(16 * 512, 8192).unwrap().iter().all(|&b| b == 0));
+        assert_eq!(
+            g.io(0, 5, req_type::IN, 2048, 512),
+            1,
+            "beyond capacity → IOERR"
+        );
+
+        // Connected: one session; delete refused.
+        let l = ctl.list(Some("c0")).unwrap();
+        let s = &l[0]["sessions"][0];
+        assert_eq!(
+            (s["started"].clone(), s["max_queues"].clone()),
+            (json!(true), json!(2))
+        );
+        assert_eq!(
+            l[0]["stats"]["completed"], 5,
+            "requests that reached the bdev: {l}"
+        );
+        let e = ctl.delete("c0").unwrap_err();
+        assert!(matches!(e, VhostError::Busy(_)), "{e}");
+
+        // The read-only file controller: writes fail, reads work.
+        let p1 = dir.join("c1");
+        let mut g1 = Guest::new(2);
+        let (c1, _) = setup(&p1, &g1, 2, Some(None), 0, true);
+        assert_ne!(c1.fe.get_features().unwrap() & feat::RO, 0);
+        g1.write(data_gpa(0, 0), &[0xab; 512]);
+        assert_eq!(g1.io(0, 0, req_type::OUT, 0, 512), 1);
+        assert_eq!(g1.io(0, 1, req_type::IN, 0, 4096), 0);
+        assert_eq!(bdevs[1].iostat().num_write_ops, 0);
+        assert_eq!(bdevs[1].iostat().num_read_ops, 1);
+
+        // Save, then delete once the front-end is gone; the socket goes with it.
+        let saved = ctl.save();
+        assert_eq!(
+            saved,
+            vec![
+                (
+                    "vhost_create_blk_controller".to_string(),
+                    json!({"ctrlr": "c0", "dev_name": "m0", "readonly": false, "cpumask": "0x2", "num_queues": 2})
+                ),
+                (
+                    "vhost_create_blk_controller".to_string(),
+                    json!({"ctrlr": "c1", "dev_name": "f0", "readonly": true, "cpumask": "0x1", "num_queues": 2})
+                ),
+            ]
+        );
+        drop(c);
+        wait_until("disconnect", || ctl.delete("c0").is_ok());
+        assert!(!p0.exists());
+        assert!(err(ctl.delete("c0").map(|_| ())).contains("no controller"));
+        // Recreated under the same name, through the registry this time.
+        let mut reg = Registry::new();
+        crate::control::methods::vhost::register(&mut reg, ctl.clone());
+        for (_, params) in &saved[..1] {
+            assert_eq!(
+                reg.call("vhost_create_blk_controller", params.clone())
+                    .unwrap(),
+                Value::Bool(true)
+            );
+        }
+        assert!(p0.exists());
+        let subs = reg.call("framework_get_subsystems", Value::Null).unwrap();
+        assert_eq!(
+            subs,
+            json!([{"subsystem": "vhost_blk", "depends_on": ["bdev"]}])
+        );
+        let e = reg
+            .call(
+                "vhost_create_blk_controller",
+                json!({"ctrlr": "x", "dev_name": "m0", "packed_ring": true}),
+            )
+            .unwrap_err();
+        assert_eq!(e.code, -32602);
+        // Shutdown: reactors drop their controllers (sockets removed), IO channels closed.
+        drop(c1);
+        assert!(set.stop().is_empty());
+        assert!(!p0.exists() && !p1.exists());
+        assert!(ctl.list(None).is_err(), "reactors are gone");
+    }
+}
+
+/// A live connection moves to another controller (as to a new process) through the handover
+/// socket: snapshot + SCM_RIGHTS fds, restore; the front-end never reconnects, the rings go on
+/// where they were, and messages are answered by the new owner.
+#[test]
+fn handover_moves_a_live_connection() {
+    use crate::handover::fdpass::{self, FdIn, FdOut};
+    use crate::storage::vhost::snapshot::ControllerSnapshot;
+    let p = sock("handover");
+    let old = BackendThread::start(vec![CtrlSpec {
+        path: p.clone(),
+        readonly: false,
+        queues: 2,
+    }]);
+    let mut g = Guest::new(2);
+    let (mut c, _region) = setup(&p, &g, 2, Some(None), 0, true);
+    for k in 0..3u16 {
+        g.write(data_gpa(0, k), &[0x10 + k as u8; 512]);
+        assert_eq!(g.io(0, k, req_type::OUT, u64::from(k), 512), 0);
+    }
+    // One request held at the target: the controller is not quiesced until it completes.
+    old.call(|c| c[0].1.set_auto(false));
+    g.write(data_gpa(1, 0), &[0x77; 512]);
+    g.request(1, 0, req_type::OUT, 100, 512);
+    wait_until("held", || old.call(|c| c[0].1.pending()) == 1);
+    old.call(|c| c[0].0.pause());
+    assert!(!old.call(|c| c[0].0.quiesced()));
+    assert!(old.call(|c| c[0].0.snapshot(&mut FdOut::default()).is_err()));
+    old.call(|c| c[0].1.set_auto(true));
+    wait_until("quiesced", || old.call(|c| c[0].0.quiesced()));
+    g.wait_used(1, 1);
+    // Paused: a new request waits in the ring.
+    g.write(data_gpa(0, 3), &[0x33; 512]);
+    g.request(0, 3, req_type::OUT, 3, 512);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(g.used_idx(0), 3, "paused: not fetched");
+
+    let (a, b) = UnixStream::pair().unwrap();
+    old.call(move |c| {
+        let mut fds = FdOut::default();
+        let snap = c[0].0.snapshot(&mut fds).unwrap();
+        let json = serde_json::to_vec(&snap).unwrap();
+        fdpass::send(&a, &json, &fds.0).unwrap();
+    });
+    let (json, fds) = fdpass::recv(&b).unwrap();
+    let snap: ControllerSnapshot = serde_json::from_slice(&json).unwrap();
+    assert_eq!(snap.conn.as_ref().unwrap().vrings[0].last_avail_idx, 3);
+    let new = BackendThread::start(Vec::new());
+    new.call(move |c| {
+        let t = MemTarget::new(BS, BLOCKS);
+        let mut fds = FdIn::new(fds);
+        let ctrl = VhostBlkController::restore(
+            VhostBlkControllerConfig {
+                name: snap.name.clone(),
+                socket_path: snap.socket_path.clone(),
+                readonly: false,
+                num_queues: 2,
+            },
+            Box::new(t.clone()),
+            &snap,
+            &mut fds,
+        )
+        .unwrap();
+        assert_eq!(fds.left(), 0, "every fd used");
+        c.push((ctrl, t));
+    });
+    old.call(|c| c[0].0.release());
+    drop(old);
+    assert!(
+        p.exists(),
+        "the released controller leaves the socket path alone"
+    );
+    // The request queued during the pause is served by the new owner, then more.
+    g.wait_used(0, 4);
+    assert_eq!(g.status(0, 3), 0);
+    for k in 4..8u16 {
+        g.write(data_gpa(0, k), &[0x40 + k as u8; 512]);
+        assert_eq!(g.io(0, k, req_type::OUT, 200 + u64::from(k), 512), 0);
+    }
+    assert_eq!(g.io(1, 1, req_type::IN, 3, 512), 0);
+    let d = new.call(|c| c[0].1.snapshot(3 * 512, 512));
+    assert!(
+        d.iter().all(|&x| x == 0x33),
+        "write after handover on the new target"
+    );
+    // Messages: the new process answers on the same connection.
+    assert_eq!(c.fe.get_queue_num().unwrap(), 2);
+    assert_eq!(c.fe.get_vring_base(0).unwrap(), 8);
+    assert!(new.call(|c| c[0].0.connected()));
+    assert_eq!(new.call(|c| c[0].0.stats().connections), 1);
 }

@@ -1,0 +1,315 @@
+//! Process hot upgrade of `hostplane run` under a QEMU 7.2 guest (TCG) running fio crc32c verify
+//! on a vhost-user-blk disk backed by a file bdev:
+//!
+//! 1. Handover, `HP_UPGRADES` times (default 10): a new `hostplane run --takeover` takes the
+//!    vhost-user connection, guest memory, rings and RPC socket from the running one, which exits.
+//!    QEMU sees no disconnect. Printed per upgrade: the IO pause measured by the new process
+//!    (old pauses → new resumes); per phase: fio's max latency, the worst guest-visible stall.
+//! 2. Crash, `HP_KILLS` times (default 5): `kill -9` mid-IO, restart from the same config, QEMU
+//!    reconnects (reconnect=1) and the inflight region is replayed. Printed per crash: kill →
+//!    rings restarted in the new process (seen over RPC); fio's max latency for the phase.
+//!
+//! Both phases: 0 fio errors, verify passes.
+
+mod common;
+#[path = "guest/mod.rs"]
+mod guest;
+
+use guest::{job, Guest, GuestConfig};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const DISK_MIB: u64 = 64;
+
+fn env_n(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One `hostplane run` process generation.
+struct Hp {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Hp {
+    fn spawn(dir: &Path, config: &Path, rpc: &Path, gen: usize, takeover: bool) -> Hp {
+        let log = dir.join(format!("hostplane-{gen}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hostplane"));
+        cmd.args(["run", "-l", "0-1", "--stats-interval", "0", "--config"])
+            .arg(config)
+            .arg("-r")
+            .arg(rpc)
+            .arg("--vhost-dir")
+            .arg(dir);
+        if takeover {
+            let mut h = rpc.as_os_str().to_owned();
+            h.push(".handover");
+            cmd.arg("--takeover").arg(h);
+        }
+        // Two processes live at once during a handover: each its own EAL file prefix.
+        cmd.arg("--")
+            .arg("--file-prefix")
+            .arg(format!("hp-up-{}-{gen}", std::process::id()))
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        Hp {
+            child: cmd.spawn().expect("spawn hostplane"),
+            log,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Hp {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn rpc(sock: &Path, method: &str) -> Result<Value, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_hostplane"))
+        .args(["rpc", "-t", "2", "-s"])
+        .arg(sock)
+        .arg(method)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// Whether the controller has a front-end with started rings (from `vhost_get_controllers`).
+fn rings_started(sock: &Path) -> bool {
+    rpc(sock, "vhost_get_controllers").is_ok_and(|v| {
+        v[0]["sessions"][0]["started"].as_bool() == Some(true)
+            && v[0]["stats"]["connections"].as_u64().unwrap_or(0) > 0
+    })
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn qemu_guest_fio_verify_across_handovers_and_crashes() {
+    let images = match guest::images() {
+        Ok(i) => i,
+        Err(e) => return println!("skipped: {e}"),
+    };
+    let upgrades = env_n("HP_UPGRADES", 10);
+    let kills = env_n("HP_KILLS", 5);
+    let dir = std::env::temp_dir().join(format!("hp-upgrade-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The file prefix is per process (given on the command line), not in the config.
+    let mut eal = Vec::new();
+    let mut it = common::eal_test_args("upgrade").into_iter();
+    while let Some(a) = it.next() {
+        if a == "--file-prefix" {
+            it.next();
+        } else {
+            eal.push(a);
+        }
+    }
+    let config = dir.join("hostplane.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[eal]
+args = {eal:?}
+
+[[vm]]
+name = "vm1"
+[[vm.disk]]
+name = "root"
+system = "file"
+params = {{ path = "{img}", size_mib = {DISK_MIB} }}
+vhost = "vm1-root"
+"#,
+            img = dir.join("vm1-root.img").display()
+        ),
+    )
+    .unwrap();
+    let rpc_sock = common::rpc_socket("upgrade");
+    let vhost_sock = dir.join("vm1-root");
+    let mut gen = 0;
+    let mut hp = Hp::spawn(&dir, &config, &rpc_sock, gen, false);
+    wait_for("hostplane up", Duration::from_secs(60), || {
+        rpc(&rpc_sock, "vhost_get_controllers").is_ok()
+    });
+
+    let fio = |name: &str, runtime: usize| {
+        job::fio(
+            name,
+            &format!(
+                "--name=v --filename=/dev/vda --ioengine=libaio --iodepth=16 --direct=1 \
+                 --rw=randwrite --bs=4k --verify=crc32c --do_verify=1 --size=16M \
+                 --loops=100000 --runtime={runtime}"
+            ),
+        )
+    };
+    let ta = upgrades * 3 + 6;
+    let tb = kills * 5 + 6;
+    let script = [
+        job::mark("a.started"),
+        fio("fio.a", ta),
+        job::mark("b.started"),
+        fio("fio.b", tb),
+    ]
+    .concat();
+    let mut g = Guest::launch(
+        &images,
+        GuestConfig {
+            vhost_sockets: vec![vhost_sock.clone()],
+            num_queues: 1,
+            smp: 1,
+            job: script,
+            timeout: Duration::from_secs((ta + tb + 120) as u64),
+            ..Default::default()
+        },
+    )
+    .expect("launch guest");
+    g.wait_for_result("a.started", Duration::from_secs(90))
+        .expect("fio a start");
+
+    // 1. Handovers.
+    let mut pauses = Vec::new();
+    for i in 0..upgrades {
+        std::thread::sleep(Duration::from_millis(700));
+        gen += 1;
+        let t0 = Instant::now();
+        let new = Hp::spawn(&dir, &config, &rpc_sock, gen, true);
+        let mut old = std::mem::replace(&mut hp, new);
+        let status = loop {
+            if let Some(s) = old.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "old process did not exit:\n{}\nnew:\n{}",
+                old.log_text(),
+                hp.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "old process: {status}\n{}",
+            old.log_text()
+        );
+        let log = hp.log_text();
+        let line = log
+            .lines()
+            .find_map(|l| l.strip_prefix("takeover: "))
+            .unwrap_or_else(|| panic!("no takeover line in the new process log:\n{log}"))
+            .to_string();
+        // "... guest IO paused X ms (drain Y ms)"
+        let num = |key: &str| -> f64 {
+            line.split(key)
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{key} in {line:?}"))
+        };
+        let (ms, drain) = (num("paused "), num("(drain "));
+        assert!(
+            !old.log_text().contains("front-end disconnected"),
+            "QEMU saw a disconnect"
+        );
+        println!(
+            "upgrade {i}: guest IO paused {ms:.1} ms = drain of IO already at the bdev {drain:.1} ms + handover {:.1} ms (new process started and took over in {:?})",
+            ms - drain,
+            t0.elapsed()
+        );
+        pauses.push((ms, drain));
+    }
+    assert!(rings_started(&rpc_sock), "{}", hp.log_text());
+    let v = rpc(&rpc_sock, "vhost_get_controllers").unwrap();
+    assert_eq!(
+        v[0]["stats"]["connections"].as_u64(),
+        Some(1),
+        "one connection all along: {v}"
+    );
+
+    // 2. Crashes.
+    g.wait_for_result("b.started", Duration::from_secs((ta + 60) as u64))
+        .expect("fio b start");
+    let mut restarts = Vec::new();
+    for i in 0..kills {
+        std::thread::sleep(Duration::from_millis(1500));
+        let t0 = Instant::now();
+        hp.kill9();
+        gen += 1;
+        hp = Hp::spawn(&dir, &config, &rpc_sock, gen, false);
+        let d = wait_for(
+            "rings restarted after kill -9",
+            Duration::from_secs(60),
+            || rings_started(&rpc_sock),
+        );
+        let v = rpc(&rpc_sock, "vhost_get_controllers").unwrap();
+        let resub = v[0]["stats"]["resubmitted"].as_u64().unwrap_or(0);
+        println!(
+            "crash {i}: kill -9 → rings restarted in {:?} ({d:?} after spawn), {resub} requests resubmitted from the inflight region",
+            t0.elapsed()
+        );
+        restarts.push(t0.elapsed());
+    }
+
+    let out = g.wait().unwrap_or_else(|e| panic!("guest run: {e}"));
+    let a = out
+        .fio("fio.a")
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.console));
+    let b = out
+        .fio("fio.b")
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.console));
+    a.assert_clean();
+    b.assert_clean();
+    let max = |f: &dyn Fn(&(f64, f64)) -> f64| pauses.iter().map(f).fold(0.0, f64::max);
+    let mut totals: Vec<f64> = pauses.iter().map(|p| p.0).collect();
+    totals.sort_by(f64::total_cmp);
+    let median = totals.get(totals.len() / 2).copied().unwrap_or(0.0);
+    let within = totals.iter().filter(|&&t| t <= 50.0).count();
+    let handover_max = max(&|p| p.0 - p.1);
+    println!(
+        "handover x{upgrades}: fio 0 errors, verify ok, wrote {} MiB; guest IO pause median {median:.1} ms, max {:.1} ms, {within}/{upgrades} ≤ 50 ms; without the drain: max {handover_max:.1} ms; fio max IO latency over the phase {:?}",
+        a.write_bytes() >> 20,
+        max(&|p| p.0),
+        a.max_lat()
+    );
+    println!(
+        "kill -9 x{kills}: fio 0 errors, verify ok, wrote {} MiB; restart max {:?}; guest max IO latency {:?}",
+        b.write_bytes() >> 20,
+        restarts.iter().max().copied().unwrap_or_default(),
+        b.max_lat()
+    );
+    // The drain waits for requests the bdev already has (file IO on a loaded 2-core machine:
+    // sometimes hundreds of ms); the handover's own part must stay within the target.
+    assert!(
+        handover_max <= 50.0,
+        "handover (without the drain) took {handover_max} ms, above the 50 ms target"
+    );
+    drop(hp);
+    let _ = std::fs::remove_dir_all(&dir);
+}

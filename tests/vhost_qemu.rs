@@ -158,7 +158,7 @@ struct Hostplane {
 }
 
 impl Hostplane {
-    fn start(dir: &Path, config: &Path) -> Hostplane {
+    fn start(dir: &Path, config: &Path, extra: &[&str]) -> Hostplane {
         let rpc = common::rpc_socket("vhost-qemu");
         let log = dir.join("hostplane.log");
         let out = std::fs::File::create(&log).unwrap();
@@ -169,6 +169,7 @@ impl Hostplane {
             .arg(&rpc)
             .arg("--vhost-dir")
             .arg(dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -234,20 +235,9 @@ impl Drop for Hostplane {
     }
 }
 
-fn images() -> Option<guest::GuestImages> {
-    match guest::images() {
-        Ok(i) => Some(i),
-        Err(e) => {
-            println!("skipped: {e}");
-            None
-        }
-    }
-}
-
-#[test]
-fn qemu_guest_on_hostplane_run_bdevs() {
-    let Some(images) = images() else { return };
-    let dir = scratch("run");
+/// A config with one VM: `vm1/boot` (malloc, controller `vm1-disk0` declared here), `vm1/data`
+/// (file) and `vm1/golden` (malloc).
+fn write_config(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let data = dir.join("vm1-data.img");
     let config = dir.join("hostplane.toml");
     std::fs::write(
@@ -273,14 +263,85 @@ name = "golden"
 system = "malloc"
 params = {{ size_mib = {ro_mib} }}
 "#,
-            eal = common::eal_test_args("vhost-qemu"),
+            eal = common::eal_test_args(name),
             mib = DISK_BYTES >> 20,
             ro_mib = RO_BYTES >> 20,
             data = data.display()
         ),
     )
     .unwrap();
-    let hp = Hostplane::start(&dir, &config);
+    (config, data)
+}
+
+/// save_config → restart with `--json`: the controllers come back (the one the config declares
+/// is created by both, which is allowed with the same params). No guest needed.
+#[test]
+fn hostplane_run_restores_controllers_from_saved_config() {
+    let dir = scratch("saved");
+    let (config, _) = write_config(&dir, "vhost-saved");
+    let hp = Hostplane::start(&dir, &config, &[]);
+    assert_eq!(
+        hp.rpc(
+            "vhost_create_blk_controller",
+            &[
+                "--ctrlr",
+                "vm1-ro",
+                "--dev-name",
+                "vm1/golden",
+                "--readonly"
+            ]
+        ),
+        Ok(Value::Bool(true))
+    );
+    let e = hp
+        .rpc(
+            "vhost_create_blk_controller",
+            &["--ctrlr", "vm1-x", "--dev-name", "vm1/golden"],
+        )
+        .unwrap_err();
+    assert!(e.contains("already served by controller \"vm1-ro\""), "{e}");
+    let saved = dir.join("saved.json");
+    let r = hp
+        .rpc("save_config", &["--file", saved.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(r["calls"], 2, "{r}");
+    let before = hp.rpc("vhost_get_controllers", &[]).unwrap();
+    let (ok, log) = hp.stop();
+    assert!(ok, "{log}");
+    assert!(!dir.join("vm1-ro").exists());
+
+    let hp = Hostplane::start(&dir, &config, &["--json", saved.to_str().unwrap()]);
+    let after = hp.rpc("vhost_get_controllers", &[]).unwrap();
+    let names = |v: &Value| -> Vec<(Value, Value)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["ctrlr"].clone(), c["backend_specific"].clone()))
+            .collect()
+    };
+    assert_eq!(names(&after), names(&before));
+    assert!(dir.join("vm1-disk0").exists() && dir.join("vm1-ro").exists());
+    let (ok, log) = hp.stop();
+    assert!(ok, "{log}");
+    assert!(log.contains("--json: replayed 2 calls"), "{log}");
+}
+
+fn images() -> Option<guest::GuestImages> {
+    match guest::images() {
+        Ok(i) => Some(i),
+        Err(e) => {
+            println!("skipped: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn qemu_guest_on_hostplane_run_bdevs() {
+    let Some(images) = images() else { return };
+    let dir = scratch("run");
+    let (config, data) = write_config(&dir, "vhost-qemu");
+    let hp = Hostplane::start(&dir, &config, &[]);
     // vda: declared in the config. vdb and vdc: created over JSON-RPC.
     assert!(dir.join("vm1-disk0").exists(), "{}", hp.log_text());
     let e = hp

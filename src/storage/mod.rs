@@ -2,7 +2,8 @@
 //!
 //! - [`reactor`]: one reactor per storage lcore (or plain thread in tests); pollers + messages.
 //! - [`bdev`]: the asynchronous block-device interface, requests, per-reactor IO channels, stats.
-//! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`].
+//! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`],
+//!   [`rbd`] (Ceph, through [`ceph`], the only caller of `rbd-sys`).
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
 //! - [`bdevperf`]: `hostplane bench bdev`.
 //! - [`vhost`]: vhost-user-blk controllers (own vhost-user back-end, split rings, inflight).
@@ -12,12 +13,14 @@
 
 pub mod bdev;
 pub mod bdevperf;
+pub mod ceph;
 pub mod client;
 pub mod file;
 pub mod malloc;
 pub mod nbd;
 pub mod null;
 pub mod qos;
+pub mod rbd;
 pub mod reactor;
 pub mod registry;
 pub mod routing;

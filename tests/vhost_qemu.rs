@@ -7,10 +7,20 @@
 //! writable disks, data the guest wrote to the file bdev is byte-exact in the host file, and the
 //! read-only disk reads but refuses writes.
 //!
+//! `hostplane_run_restores_controllers_from_saved_config`: save_config → restart with `--json`.
+//!
+//! `qemu_guest_survives_hostplane_kill_and_restart`: `hostplane run` killed -9 twice under the
+//! guest's fio verify on a file bdev, restarted from its config: 0 guest errors.
+//!
+//! `qemu_guest_fio_on_rbd_across_osd_outage`: an rbd bdev made with `bdev_rbd_create` on a
+//! one-node Ceph cluster, served over vhost-user-blk: fio verify in the guest with the OSD stopped
+//! for 5 s mid-run sees no error (skipped when Ceph cannot be installed).
+//!
 //! `qemu_guest_survives_backend_restarts`: one controller on the in-memory `MemTarget`, polled
 //! by a test thread, "crashed" and restarted three times under fio verify: QEMU reconnects with
 //! the inflight region and the guest sees no error.
 
+mod ceph;
 mod common;
 #[path = "guest/mod.rs"]
 mod guest;
@@ -622,6 +632,99 @@ fn qemu_guest_survives_hostplane_kill_and_restart() {
         let (ok, log) = h.stop();
         assert!(ok, "{log}");
     }
+}
+
+/// An rbd bdev created over RPC, served over vhost-user-blk: the guest's fio verify runs across a
+/// 5 s OSD outage (requests are held by the rbd backend, not failed) with 0 errors.
+#[test]
+fn qemu_guest_fio_on_rbd_across_osd_outage() {
+    let Some(images) = images() else { return };
+    let Some(mut cl) = ceph::Cluster::start("vhost") else {
+        return;
+    };
+    cl.cli("rbd", &["create", "rbd/vm", "--size", "64M"]);
+    let dir = scratch("rbd");
+    let config = dir.join("hostplane.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[eal]\nargs = {:?}\n\n[storage]\nlcores = \"1\"\n",
+            common::eal_test_args("vhost-rbd")
+        ),
+    )
+    .unwrap();
+    let hp = Hostplane::start(&dir, &config, &[]);
+    let conf = cl.conf.to_str().unwrap().to_string();
+    let created = hp.rpc(
+        "bdev_rbd_create",
+        &[
+            "--name",
+            "Ceph0",
+            "--pool-name",
+            "rbd",
+            "--rbd-name",
+            "vm",
+            "--block-size",
+            "512",
+            "--config-file",
+            &conf,
+            "--io-timeout-ms",
+            "60000",
+        ],
+    );
+    assert_eq!(created, Ok(json!("Ceph0")), "{}", hp.log_text());
+    assert_eq!(
+        hp.rpc(
+            "vhost_create_blk_controller",
+            &["--ctrlr", "vm-rbd0", "--dev-name", "Ceph0"]
+        ),
+        Ok(Value::Bool(true))
+    );
+    let script = [
+        job::disk_info("vda"),
+        job::mark("fio.started"),
+        job::fio(
+            "fio.rbd",
+            "--name=v --filename=/dev/vda --ioengine=libaio --iodepth=16 --direct=1 \
+             --rw=randwrite --bs=4k --verify=crc32c --do_verify=1 --size=24M --loops=2",
+        ),
+    ]
+    .concat();
+    let mut g = Guest::launch(
+        &images,
+        GuestConfig {
+            vhost_sockets: vec![dir.join("vm-rbd0")],
+            num_queues: 2,
+            smp: 2,
+            job: script,
+            timeout: Duration::from_secs(300),
+            ..Default::default()
+        },
+    )
+    .expect("launch guest");
+    g.wait_for_result("fio.started", Duration::from_secs(90))
+        .expect("fio start");
+    std::thread::sleep(Duration::from_millis(1500));
+    cl.stop_osd();
+    std::thread::sleep(Duration::from_secs(5));
+    cl.start_osd();
+    println!("OSD stopped for 5 s under the guest's fio");
+    let out = g
+        .wait()
+        .unwrap_or_else(|e| panic!("guest run: {e}\n--- hostplane ---\n{}", hp.log_text()));
+    let disk = out.disk("vda").expect("disk info");
+    assert_eq!((disk.sectors, disk.serial.as_str()), (131072, "vm-rbd0"));
+    let fio = out
+        .fio("fio.rbd")
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.console));
+    fio.assert_clean();
+    println!(
+        "fio on rbd across a 5 s OSD outage: 0 errors, wrote {} KiB, max latency {:?}",
+        fio.write_bytes() >> 10,
+        fio.max_lat()
+    );
+    let (ok, log) = hp.stop();
+    assert!(ok, "{log}");
 }
 
 /// The back-end is "crashed" (its pending requests dropped, socket closed) and restarted three

@@ -23,8 +23,108 @@ pub enum Command {
     Bench(BenchCommand),
     /// Call a JSON-RPC method on a running hostplane: `rpc macnat_list --limit 10`.
     Rpc(RpcArgs),
+    /// Online disk conversion: start/status/pause/resume in a running hostplane, or offline.
+    #[command(subcommand)]
+    Convert(ConvertCommand),
     /// Print hostplane's and DPDK's versions.
     Version,
+}
+
+/// `hostplane convert ...`.
+#[derive(Subcommand, Debug)]
+pub enum ConvertCommand {
+    /// `bdev_convert_start` on a running hostplane, then show progress (unless --no-wait).
+    Start(ConvertStartArgs),
+    /// `bdev_convert_status` (all conversions, or --name); --watch shows a progress bar.
+    Status(ConvertNameArgs),
+    /// `bdev_convert_pause`: stop the background converter (VM-triggered copies continue).
+    Pause(ConvertNameArgs),
+    /// `bdev_convert_resume`.
+    Resume(ConvertNameArgs),
+    /// Convert without a running hostplane (own reactor thread, same code); resumes from the map.
+    Offline(ConvertOfflineArgs),
+}
+
+/// What to convert (the `bdev_convert_start` parameters).
+#[derive(Args, Debug, Clone)]
+pub struct ConvertSpecArgs {
+    /// Name of the convert bdev.
+    #[arg(long, default_value = "convert0")]
+    pub name: String,
+    /// Source image (opened read-only).
+    #[arg(long, value_name = "FILE")]
+    pub source: PathBuf,
+    /// Source format: raw, qcow2, vmdk.
+    #[arg(long, value_name = "FMT")]
+    pub source_format: String,
+    /// Target raw file (the map goes to FILE.convmap).
+    #[arg(long, value_name = "FILE")]
+    pub target: PathBuf,
+    /// Bytes per grain.
+    #[arg(long, default_value_t = 65536)]
+    pub grain_size: u64,
+    /// Background rate limit, MiB/s (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub rate_mib: u64,
+    /// Target block size.
+    #[arg(long, default_value_t = 512)]
+    pub block_size: u32,
+    /// Buffered target IO instead of O_DIRECT.
+    #[arg(long)]
+    pub no_direct: bool,
+}
+
+/// `hostplane convert start`.
+#[derive(Args, Debug)]
+pub struct ConvertStartArgs {
+    /// Control socket.
+    #[arg(short = 's', long = "socket", value_name = "SOCK", env = "HOSTPLANE_RPC_SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// What to convert.
+    #[command(flatten)]
+    pub spec: ConvertSpecArgs,
+    /// Reactor that owns the conversion.
+    #[arg(long, default_value_t = 0)]
+    pub reactor: u32,
+    /// Return after starting instead of showing progress until done.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `hostplane convert status|pause|resume`.
+#[derive(Args, Debug)]
+pub struct ConvertNameArgs {
+    /// Control socket.
+    #[arg(short = 's', long = "socket", value_name = "SOCK", env = "HOSTPLANE_RPC_SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Conversion name (status: all when absent).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// status: show a progress bar until done.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+/// `hostplane convert offline`.
+#[derive(Args, Debug)]
+pub struct ConvertOfflineArgs {
+    /// What to convert.
+    #[command(flatten)]
+    pub spec: ConvertSpecArgs,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Test aid: also run a host-side pattern writer through the convert bdev, logging each
+    /// write's intent before submitting it and its acknowledgement after ("I seq off len",
+    /// "A seq") to this file; a restarted run continues the sequence.
+    #[arg(long, value_name = "FILE")]
+    pub writer_log: Option<PathBuf>,
+    /// Pattern writer: writes in flight.
+    #[arg(long, default_value_t = 4)]
+    pub writer_qd: usize,
+    /// Pattern writer: stop after this many writes in total (across restarts).
+    #[arg(long, default_value_t = 1000)]
+    pub writer_ops: u64,
 }
 
 /// Lcore and EAL options shared by `run` and `bench`.

@@ -21,6 +21,7 @@ fn main() {
             .map_err(|e| e.into())
         }
         Command::Bench(BenchCommand::Bdev(args)) => hostplane::storage::bdevperf::bench(&args),
+        Command::Convert(c) => hostplane::storage::convert::tool::run(c),
         Command::Version => {
             println!("hostplane {}", env!("CARGO_PKG_VERSION"));
             println!("{}", hostplane::env::dpdk_version());

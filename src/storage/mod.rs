@@ -5,6 +5,7 @@
 //! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`],
 //!   [`rbd`] (Ceph, through [`ceph`], the only caller of `rbd-sys`).
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
+//! - [`convert`]: online format conversion (qcow2/vmdk/raw → raw) while the VM runs.
 //! - [`bdevperf`]: `hostplane bench bdev`.
 //! - [`vhost`]: vhost-user-blk controllers (own vhost-user back-end, split rings, inflight).
 //! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
@@ -15,6 +16,7 @@ pub mod bdev;
 pub mod bdevperf;
 pub mod ceph;
 pub mod client;
+pub mod convert;
 pub mod file;
 pub mod malloc;
 pub mod nbd;

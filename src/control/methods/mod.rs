@@ -4,6 +4,7 @@
 //! Storage methods (see [`super::registry::PENDING`]) are wired by a `storage` module here,
 //! one `reg.register_typed("bdev_malloc_create", ...)` line per method.
 
+pub mod convert;
 pub mod framework;
 pub mod net;
 pub mod rbd;

@@ -399,8 +399,13 @@ impl Dataplane {
         control::methods::net::register(&mut reg, Arc::new(net));
         control::methods::rbd::register(&mut reg, self.rbd.clone());
         if let Some(st) = &self.storage {
-            let handles = (0..st.reactors.len()).filter_map(|i| st.reactors.handle(i)).collect();
-            control::methods::convert::register(&mut reg, crate::storage::convert::service::ConvertService::new(handles));
+            let handles = (0..st.reactors.len())
+                .filter_map(|i| st.reactors.handle(i))
+                .collect();
+            control::methods::convert::register(
+                &mut reg,
+                crate::storage::convert::service::ConvertService::new(handles),
+            );
         }
         if let Some(v) = &self.vhost {
             control::methods::vhost::register(&mut reg, v.clone());

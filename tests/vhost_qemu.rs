@@ -346,6 +346,37 @@ fn hostplane_run_restores_controllers_from_saved_config() {
     assert!(log.contains("--json: replayed 2 calls"), "{log}");
 }
 
+/// A guest (two queues, two vCPUs) running `before`, then fio crc32c verify on vda as `fio.v`
+/// (randwrite 4k, iodepth 16, 24 MiB twice); returns once fio has started, so the test can break
+/// things under it.
+fn guest_under_fio(images: &guest::GuestImages, socket: PathBuf, before: &str) -> Guest {
+    let script = [
+        before.to_string(),
+        job::mark("fio.started"),
+        job::fio(
+            "fio.v",
+            "--name=v --filename=/dev/vda --ioengine=libaio --iodepth=16 --direct=1 \
+             --rw=randwrite --bs=4k --verify=crc32c --do_verify=1 --size=24M --loops=2",
+        ),
+    ]
+    .concat();
+    let mut g = Guest::launch(
+        images,
+        GuestConfig {
+            vhost_sockets: vec![socket],
+            num_queues: 2,
+            smp: 2,
+            job: script,
+            timeout: Duration::from_secs(300),
+            ..Default::default()
+        },
+    )
+    .expect("launch guest");
+    g.wait_for_result("fio.started", Duration::from_secs(90))
+        .expect("fio start");
+    g
+}
+
 fn images() -> Option<guest::GuestImages> {
     match guest::images() {
         Ok(i) => Some(i),
@@ -564,29 +595,7 @@ fn qemu_guest_survives_hostplane_kill_and_restart() {
     )
     .unwrap();
     let mut hp = Some(Hostplane::start(&dir, &config, &[]));
-    let script = [
-        job::mark("fio.started"),
-        job::fio(
-            "fio.v",
-            "--name=v --filename=/dev/vda --ioengine=libaio --iodepth=16 --direct=1 \
-             --rw=randwrite --bs=4k --verify=crc32c --do_verify=1 --size=24M --loops=2",
-        ),
-    ]
-    .concat();
-    let mut g = Guest::launch(
-        &images,
-        GuestConfig {
-            vhost_sockets: vec![dir.join("vm1-root")],
-            num_queues: 2,
-            smp: 2,
-            job: script,
-            timeout: Duration::from_secs(300),
-            ..Default::default()
-        },
-    )
-    .expect("launch guest");
-    g.wait_for_result("fio.started", Duration::from_secs(90))
-        .expect("fio start");
+    let g = guest_under_fio(&images, dir.join("vm1-root"), "");
     let mut resubmitted = 0;
     for i in 0..2 {
         std::thread::sleep(Duration::from_millis(2000));
@@ -680,30 +689,7 @@ fn qemu_guest_fio_on_rbd_across_osd_outage() {
         ),
         Ok(Value::Bool(true))
     );
-    let script = [
-        job::disk_info("vda"),
-        job::mark("fio.started"),
-        job::fio(
-            "fio.rbd",
-            "--name=v --filename=/dev/vda --ioengine=libaio --iodepth=16 --direct=1 \
-             --rw=randwrite --bs=4k --verify=crc32c --do_verify=1 --size=24M --loops=2",
-        ),
-    ]
-    .concat();
-    let mut g = Guest::launch(
-        &images,
-        GuestConfig {
-            vhost_sockets: vec![dir.join("vm-rbd0")],
-            num_queues: 2,
-            smp: 2,
-            job: script,
-            timeout: Duration::from_secs(300),
-            ..Default::default()
-        },
-    )
-    .expect("launch guest");
-    g.wait_for_result("fio.started", Duration::from_secs(90))
-        .expect("fio start");
+    let g = guest_under_fio(&images, dir.join("vm-rbd0"), &job::disk_info("vda"));
     std::thread::sleep(Duration::from_millis(1500));
     cl.stop_osd();
     std::thread::sleep(Duration::from_secs(5));
@@ -715,7 +701,7 @@ fn qemu_guest_fio_on_rbd_across_osd_outage() {
     let disk = out.disk("vda").expect("disk info");
     assert_eq!((disk.sectors, disk.serial.as_str()), (131072, "vm-rbd0"));
     let fio = out
-        .fio("fio.rbd")
+        .fio("fio.v")
         .unwrap_or_else(|e| panic!("{e}\n{}", out.console));
     fio.assert_clean();
     println!(
@@ -735,29 +721,7 @@ fn qemu_guest_survives_backend_restarts() {
     let dir = scratch("restart");
     let socket = dir.join("vhost.r");
     let be = Backend::start("hp-restart", &socket, false, 2);
-    let script = [
-        job::mark("fio.started"),
-        job::fio(
-            "fio.v",
-            "--name=v --filename=/dev/vda --ioengine=libaio --iodepth=16 --direct=1 \
-             --rw=randwrite --bs=4k --verify=crc32c --do_verify=1 --size=24M --loops=2",
-        ),
-    ]
-    .concat();
-    let mut g = Guest::launch(
-        &images,
-        GuestConfig {
-            vhost_sockets: vec![socket.clone()],
-            num_queues: 2,
-            smp: 2,
-            job: script,
-            timeout: Duration::from_secs(240),
-            ..Default::default()
-        },
-    )
-    .expect("launch guest");
-    g.wait_for_result("fio.started", Duration::from_secs(60))
-        .expect("fio start");
+    let g = guest_under_fio(&images, socket.clone(), "");
     for i in 0..3 {
         std::thread::sleep(Duration::from_millis(1500));
         let t = Instant::now();

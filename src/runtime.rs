@@ -52,6 +52,8 @@ pub struct Dataplane {
     handles: Vec<LcoreHandle>,
     /// The storage side (reactors and routed VM disks), when the config has one.
     pub storage: Option<StorageRuntime>,
+    /// rbd bdevs created over RPC.
+    pub rbd: Arc<control::methods::rbd::RbdBdevs>,
     /// vhost-user-blk controllers (after [`Dataplane::start_vhost`]).
     pub vhost: Option<Arc<VhostControl>>,
     // Dropped last: EAL cleanup after lcores are joined and ports stopped.
@@ -142,7 +144,17 @@ impl Dataplane {
             }
             Some(st)
         };
-        Ok(Dataplane { ports, table, lcores, stop, handles, storage, vhost: None, _eal: eal })
+        Ok(Dataplane {
+            ports,
+            table,
+            lcores,
+            stop,
+            handles,
+            storage,
+            rbd: Arc::default(),
+            vhost: None,
+            _eal: eal,
+        })
     }
 }
 
@@ -274,7 +286,11 @@ impl Dataplane {
         if let Some(v) = self.vhost.take() {
             v.shutdown();
         }
-        let mut failed: Vec<String> = self.handles.drain(..).filter_map(|h| h.join().err()).collect();
+        let mut failed: Vec<String> = self
+            .handles
+            .drain(..)
+            .filter_map(|h| h.join().err())
+            .collect();
         if let Some(st) = self.storage.take() {
             failed.extend(st.stop());
         }
@@ -306,41 +322,80 @@ impl Dataplane {
         if let Some(st) = storage {
             control::methods::storage::register(&mut reg, st);
         }
+        control::methods::rbd::register(&mut reg, self.rbd.clone());
+        if let Some(st) = &self.storage {
+            let handles = (0..st.reactors.len())
+                .filter_map(|i| st.reactors.handle(i))
+                .collect();
+            control::methods::convert::register(
+                &mut reg,
+                crate::storage::convert::service::ConvertService::new(handles),
+            );
+        }
         // After bdev, so save_config recreates controllers after their bdevs.
         if let Some(v) = &self.vhost {
             control::methods::vhost::register(&mut reg, v.clone());
-        }
-        control::methods::rbd::register(
-            &mut reg,
-            Arc::new(control::methods::rbd::RbdBdevs::default()),
-        );
-        if let Some(st) = &self.storage {
-            let handles = (0..st.reactors.len()).filter_map(|i| st.reactors.handle(i)).collect();
-            control::methods::convert::register(&mut reg, crate::storage::convert::service::ConvertService::new(handles));
         }
         reg
     }
 
     /// Starts the vhost-user-blk control plane (sockets in `dir`) and the controllers the config
     /// declares (`vhost = "name"` on a `[[vm.disk]]`). A controller that cannot be created is
-    /// logged and the others carry on, like a failed disk.
+    /// logged and the others carry on, like a failed disk. Controllers can serve the VM disks
+    /// and the rbd bdevs created over RPC.
     pub fn start_vhost(&mut self, dir: &Path, vms: &[VmSection]) {
         let (slots, disks) = match &self.storage {
             Some(st) => {
-                let slots = st.reactors.stats().iter().enumerate().filter_map(|(i, s)| Some(ReactorSlot { handle: st.reactors.handle(i)?, core: s.lcore.unwrap_or(i as u32) })).collect();
-                let disks: Vec<_> = st.routing.disks.iter().filter_map(|d| d.bdev.as_ref().ok().map(|b| (b.name().to_string(), b.clone(), d.reactor))).collect();
+                let slots = st
+                    .reactors
+                    .stats()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| {
+                        Some(ReactorSlot {
+                            handle: st.reactors.handle(i)?,
+                            core: s.lcore.unwrap_or(i as u32),
+                        })
+                    })
+                    .collect();
+                let disks: Vec<_> = st
+                    .routing
+                    .disks
+                    .iter()
+                    .filter_map(|d| d.bdev.as_ref().ok().map(|b| (b.clone(), d.reactor)))
+                    .collect();
                 (slots, disks)
             }
             None => (Vec::new(), Vec::new()),
         };
-        let lookup = Arc::new(move |name: &str| disks.iter().find(|d| d.0 == name).map(|d| (d.1.clone(), d.2)));
+        let rbd = self.rbd.clone();
+        let lookup = Arc::new(move |name: &str| {
+            disks
+                .iter()
+                .find(|(b, _)| b.name() == name)
+                .cloned()
+                // No owner reactor: the controller goes to the first one (or its cpumask).
+                .or_else(|| rbd.get(name).map(|b| (b, u32::MAX)))
+        });
         let vhost = Arc::new(VhostControl::new(dir, slots, lookup));
         for vm in vms {
             for d in &vm.disks {
                 let Some(ctrlr) = &d.vhost else { continue };
-                let p = CreateBlkController { ctrlr: ctrlr.clone(), dev_name: format!("{}/{}", vm.name, d.name), readonly: d.read_only, cpumask: None, packed_ring: false, transport: None, num_queues: None };
+                let p = CreateBlkController {
+                    ctrlr: ctrlr.clone(),
+                    dev_name: format!("{}/{}", vm.name, d.name),
+                    readonly: d.read_only,
+                    cpumask: None,
+                    packed_ring: false,
+                    transport: None,
+                    num_queues: None,
+                };
                 if let Err(e) = vhost.create(p) {
-                    log::error!("vm {} disk {}: vhost controller {ctrlr}: FAILED: {e} (other controllers continue)", vm.name, d.name);
+                    log::error!(
+                        "vm {} disk {}: vhost controller {ctrlr}: FAILED: {e} (other controllers continue)",
+                        vm.name,
+                        d.name
+                    );
                 }
             }
         }

@@ -280,9 +280,5 @@ fn bench_against_rbd_bench() {
     assert!(ratio > 0.5, "ratio {ratio}");
 }
 
-/// Needs the vhost-user-blk backend (vhost branch, not merged yet): a QEMU guest (tests/guest)
-/// runs `fio --verify=crc32c` on a vhost-user-blk disk whose bdev is rbd, with the OSD stopped
-/// for 5 s mid-run; expected: 0 errors. Enable when `vhost_create_blk_controller` lands.
-#[test]
-#[ignore = "needs the vhost-user-blk backend (vhost branch)"]
-fn guest_fio_on_rbd_vhost_blk() {}
+// The QEMU guest on an rbd disk (fio verify across a 5 s OSD outage) is
+// `qemu_guest_fio_on_rbd_across_osd_outage` in tests/vhost_qemu.rs, next to the other guests.

@@ -28,7 +28,8 @@ fn rpc_error(e: VhostError) -> RpcError {
     }
 }
 
-/// Registers the vhost methods and the `vhost_blk` subsystem (after `bdev`, which it needs).
+/// Registers the vhost methods and the `vhost_blk` subsystem. Register it after the `bdev`
+/// subsystem: controllers are recreated after the bdevs they serve.
 pub fn register(reg: &mut Registry, vhost: Arc<VhostControl>) {
     let v = vhost.clone();
     reg.register_typed(
@@ -45,11 +46,73 @@ pub fn register(reg: &mut Registry, vhost: Arc<VhostControl>) {
             .map(|()| Value::Bool(true))
             .map_err(rpc_error)
     });
-    reg.add_subsystem("vhost_blk", &["bdev"], move || {
+    // Depend on `bdev` when that subsystem is registered (before this one): SPDK's client
+    // refuses a dependency on a subsystem that does not exist.
+    let has_bdev = reg
+        .call("framework_get_subsystems", Value::Null)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .is_some_and(|a| a.iter().any(|s| s["subsystem"] == "bdev"));
+    let deps: &[&str] = if has_bdev { &["bdev"] } else { &[] };
+    reg.add_subsystem("vhost_blk", deps, move || {
         vhost
             .save()
             .into_iter()
             .map(|(method, params)| ConfigCall { method, params })
             .collect()
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn control() -> Arc<VhostControl> {
+        Arc::new(VhostControl::new(
+            std::path::Path::new("/nonexistent"),
+            Vec::new(),
+            Arc::new(|_: &str| None),
+        ))
+    }
+
+    #[test]
+    fn subsystem_follows_bdev_and_errors_are_params() {
+        let mut reg = Registry::new();
+        reg.add_subsystem("bdev", &[], Vec::new);
+        register(&mut reg, control());
+        assert_eq!(
+            reg.call("framework_get_subsystems", Value::Null).unwrap(),
+            json!([{"subsystem": "bdev", "depends_on": []},
+                   {"subsystem": "vhost_blk", "depends_on": ["bdev"]}])
+        );
+        let e = reg
+            .call(
+                "vhost_create_blk_controller",
+                json!({"ctrlr": "c", "dev_name": "m"}),
+            )
+            .unwrap_err();
+        assert_eq!(e.code, -32602);
+        assert!(e.message.contains("no storage reactors"), "{}", e.message);
+        let e = reg
+            .call("vhost_create_blk_controller", json!({"ctrlr": "c"}))
+            .unwrap_err();
+        assert!(e.message.contains("dev_name"), "{}", e.message);
+        let e = reg
+            .call("vhost_delete_controller", json!({"ctrlr": "c"}))
+            .unwrap_err();
+        assert!(e.message.contains("no controller named"), "{}", e.message);
+        assert_eq!(
+            reg.call("vhost_get_controllers", Value::Null).unwrap(),
+            json!([])
+        );
+        assert!(reg
+            .call("vhost_get_controllers", json!({"name": "c"}))
+            .is_err());
+        let saved = reg.call("save_config", Value::Null).unwrap();
+        assert_eq!(
+            saved["subsystems"][1],
+            json!({"subsystem": "vhost_blk", "config": []})
+        );
+    }
 }

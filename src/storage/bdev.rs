@@ -183,6 +183,8 @@ pub struct IoRequest {
     pub buf: Option<IoBuf>,
     /// Free for the submitter (e.g. a virtqueue head index).
     pub tag: u64,
+    /// Set by the bdev's service queue (submission order, for replay); not for submitters.
+    pub queue_seq: u64,
     submit_tick: u64,
     cb: Option<Completion>,
 }
@@ -195,6 +197,7 @@ impl IoRequest {
             len,
             buf,
             tag: 0,
+            queue_seq: 0,
             submit_tick: 0,
             cb: Some(cb),
         }
@@ -280,6 +283,7 @@ impl Drop for IoRequest {
                 len: self.len,
                 buf: self.buf.take(),
                 tag: self.tag,
+                queue_seq: self.queue_seq,
                 submit_tick: self.submit_tick,
                 cb: None,
             };
@@ -307,6 +311,12 @@ impl Completions {
     #[inline]
     pub fn push(&mut self, req: IoRequest, st: IoStatus) {
         self.0.push_back((req, st));
+    }
+
+    /// Takes the oldest completion (for a layer that wraps another backend channel).
+    #[inline]
+    pub fn pop(&mut self) -> Option<(IoRequest, IoStatus)> {
+        self.0.pop_front()
     }
 
     /// Number queued.
@@ -426,6 +436,10 @@ pub trait BdevBackend: Send + Sync {
     fn info(&self) -> BdevInfo;
     /// Opens a channel for the calling reactor. Must not block for long (no network round trips).
     fn open_channel(&self) -> Result<Box<dyn BackendChannel>, BdevError>;
+    /// The concrete backend, for layers that look for their own wrapper (the service queue).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Per-kind counters of one channel (single writer: the channel's reactor).
@@ -646,6 +660,11 @@ impl Bdev {
     /// The storage system's type name.
     pub fn type_name(&self) -> &'static str {
         self.backend.type_name()
+    }
+
+    /// The backend (see [`BdevBackend::as_any`]).
+    pub fn backend(&self) -> &dyn BdevBackend {
+        self.backend.as_ref()
     }
 
     /// Opens an IO channel for the calling reactor. The channel belongs to that reactor.

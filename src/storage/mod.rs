@@ -6,6 +6,8 @@
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
 //! - [`bdevperf`]: `hostplane bench bdev`.
 //! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
+//! - [`service_queue`]: per-service wait/pending queues (where a request waits during a pause);
+//!   [`upgrade`]: pause → drain → swap backend → replay → resume.
 //!
 //! See docs/storage.md.
 
@@ -20,6 +22,8 @@ pub mod qos;
 pub mod reactor;
 pub mod registry;
 pub mod routing;
+pub mod service_queue;
+pub mod upgrade;
 
 pub use bdev::{Bdev, BdevError, BdevInfo, IoBuf, IoChannel, IoKind, IoRequest, IoStat, IoStatus};
 pub use reactor::{

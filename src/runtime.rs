@@ -262,6 +262,11 @@ impl Dataplane {
         control::methods::framework::register(&mut reg, crate::env::tsc_hz(), self.lcores.clone());
         let net = NetControl { table: self.table.clone(), ports: self.ports.clone(), lcores: self.lcores.clone() };
         control::methods::net::register(&mut reg, Arc::new(net));
+        if let Some(st) = &self.storage {
+            // bdev_pause / bdev_resume / bdev_upgrade / bdev_get_service_stats over the VM disks.
+            let bdevs: Vec<_> = st.routing.disks.iter().filter_map(|d| d.bdev.as_ref().ok().cloned()).collect();
+            control::methods::upgrade::register(&mut reg, Arc::new(move || bdevs.clone()));
+        }
         reg
     }
 

@@ -85,7 +85,7 @@ pub struct UpgradeReport {
     pub generation: u64,
     /// Pause and drain (see [`PauseReport`]).
     pub pause: PauseReport,
-    /// Time to create the new backend (connect, open).
+    /// Time to create the new backend (connect, open), before the pause.
     pub create_ms: f64,
     /// From the pause to every channel running on the new backend: the stall callers saw.
     pub stall_ms: f64,
@@ -267,8 +267,8 @@ impl ServiceBackend {
         Self::end_pause(&mut c)
     }
 
-    /// Pause, drain, swap the backend for one made from the current parameters with `overlay`
-    /// applied, replay, resume. On error the service is left as it was (paused only if it was
+    /// Create the backend from the current parameters with `overlay` applied, then pause, drain,
+    /// swap, replay, resume. On error the service is left as it was (paused only if it was
     /// paused before).
     pub fn upgrade(
         &self,
@@ -279,38 +279,34 @@ impl ServiceBackend {
         let _op = lock(&self.op);
         let merged = merge_params(&lock(&self.ctl).params, overlay);
         (self.btype.check)(&merged).map_err(|e| UpgradeError::Params(e.to_string()))?;
-        let was_paused = self.shared.control().paused();
-        let t0 = Instant::now();
-        self.begin_pause();
-        let undo = |e: UpgradeError| {
-            if !was_paused {
-                let mut c = lock(&self.ctl);
-                self.shared.set_paused(false);
-                Self::end_pause(&mut c);
-            }
-            Err(e)
-        };
-        let pause = self.drain(drain_timeout);
-        if !pause.drained && !force {
-            return undo(UpgradeError::NotDrained(pause));
-        }
-        let before = self.shared.snapshot().replayed;
+        // Create (connect to the new server, open the new file) before pausing: IO keeps going
+        // on the old backend meanwhile, and a backend that cannot be made costs no pause at all.
         let tc = Instant::now();
-        let backend = match (self.btype.create)(&merged) {
-            Ok(b) => b,
-            Err(e) => return undo(UpgradeError::Create(e)),
-        };
+        let backend = (self.btype.create)(&merged).map_err(UpgradeError::Create)?;
         let create = tc.elapsed();
         let new = backend.info();
         if new.block_size != self.info.block_size
             || new.num_blocks != self.info.num_blocks
             || (new.read_only && !self.info.read_only)
         {
-            return undo(UpgradeError::Geometry {
+            return Err(UpgradeError::Geometry {
                 old: self.info.clone(),
                 new,
             });
         }
+        let was_paused = self.shared.control().paused();
+        let t0 = Instant::now();
+        self.begin_pause();
+        let pause = self.drain(drain_timeout);
+        if !pause.drained && !force {
+            if !was_paused {
+                let mut c = lock(&self.ctl);
+                self.shared.set_paused(false);
+                Self::end_pause(&mut c);
+            }
+            return Err(UpgradeError::NotDrained(pause));
+        }
+        let before = self.shared.snapshot().replayed;
         // New backend and resume in one store: each channel swaps, replays and forwards at once.
         let ctl = self.shared.install(Arc::from(backend), false);
         let deadline = Instant::now() + SWAP_ACK_TIMEOUT;

@@ -6,3 +6,4 @@
 
 pub mod framework;
 pub mod net;
+pub mod upgrade;

@@ -128,9 +128,10 @@ impl SourceReport {
             .unwrap_or_default()
     }
 
-    /// The longest IO outside every window (normal latency).
-    fn baseline(&self, windows: &[(Instant, Instant)]) -> Duration {
-        self.records
+    /// Latencies of the IOs outside every window, sorted (normal latency).
+    fn outside(&self, windows: &[(Instant, Instant)]) -> Vec<Duration> {
+        let mut v: Vec<Duration> = self
+            .records
             .iter()
             .filter(|r| {
                 !windows
@@ -138,8 +139,22 @@ impl SourceReport {
                     .any(|&(a, b)| r.start <= b && r.start + r.latency >= a)
             })
             .map(|r| r.latency)
-            .max()
-            .unwrap_or_default()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The longest IO outside every window: the machine's latency noise.
+    fn baseline(&self, windows: &[(Instant, Instant)]) -> Duration {
+        let v = self.outside(windows);
+        let pct = |p: usize| v.get(v.len() * p / 100).copied().unwrap_or_default();
+        println!(
+            "IO latency outside upgrades: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            ms(pct(50)),
+            ms(pct(99)),
+            ms(v.last().copied().unwrap_or_default())
+        );
+        v.last().copied().unwrap_or_default()
     }
 }
 
@@ -152,6 +167,9 @@ trait IoSource {
     fn stop(self: Box<Self>) -> SourceReport;
 }
 
+/// One writer thread's records, IO count and errors.
+type WriterResult = (Vec<IoRecord>, u64, Vec<String>);
+
 /// Host-side writer: `threads` threads, each owning a disjoint region of the bdev, doing random
 /// writes (random data, 1-8 blocks), write-zeroes, flushes and read-back checks against its
 /// model, through [`BdevClient`]s on the storage reactors (alternating between them so every
@@ -160,7 +178,7 @@ struct HostWriter {
     clients: Vec<Arc<BdevClient>>,
     stop: Arc<AtomicBool>,
     model: Arc<Mutex<Vec<u8>>>,
-    threads: Vec<std::thread::JoinHandle<(Vec<IoRecord>, u64, Vec<String>)>>,
+    threads: Vec<std::thread::JoinHandle<WriterResult>>,
 }
 
 impl HostWriter {
@@ -474,9 +492,11 @@ fn nbd_blue_green_upgrade_stall() {
     );
     println!("cycle  drain_ms  connect_ms(before pause)  upgrade_stall_ms  io_stall_ms");
     let mut all = Vec::new();
+    let mut service = Vec::new();
     for (i, (u, &(a, b))) in reports.iter().zip(&windows).enumerate() {
         let stall = ms(rep.stall(a, b));
         all.push(stall);
+        service.push(u["stall_ms"].as_f64().unwrap_or(f64::MAX));
         println!(
             "{:>5}  {:>8.2}  {:>24.2}  {:>16.2}  {:>11.2}",
             i + 1,
@@ -489,7 +509,14 @@ fn nbd_blue_green_upgrade_stall() {
     let model = model_of(&s);
     server.stop();
     finish(s, &model);
-    check_stalls("blue/green", &all, baseline);
+    // The service's own pause (pause → every channel forwarding to the new server) must meet
+    // the target; what the IO saw adds its normal latency, bounded by the noise.
+    check_stalls("blue/green (service pause)", &service, Duration::ZERO);
+    check_stalls(
+        "blue/green (IO-observed)",
+        &all,
+        baseline + Duration::from_millis(10),
+    );
 }
 
 /// The service dies with requests in flight (qemu-nbd killed, no pause): requests are held, a

@@ -426,6 +426,11 @@ pub trait BackendChannel {
     fn inflight(&self) -> usize;
     /// Hands every request still held to `done` with [`IoStatus::Aborted`] (shutdown).
     fn abort(&mut self, done: &mut Completions);
+    /// Whether a request submitted now could be sent at once (e.g. the connection is up). An
+    /// upgrade opens the new backend's channels early and switches when they are ready.
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// A storage system behind a bdev: geometry plus a factory for per-reactor channels.

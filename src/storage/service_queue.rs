@@ -65,8 +65,13 @@ pub struct ChannelState {
     replayed: AtomicU64,
     forwarded: AtomicU64,
     barrier_waits: AtomicU64,
+    next_ready: AtomicU64,
     closed: AtomicBool,
     error: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[inline(always)]
@@ -82,6 +87,8 @@ pub struct QueueSnapshot {
     pub channels: usize,
     /// Channels that have acted on the current control word.
     pub acked: usize,
+    /// Channels whose channel to the backend being prepared is ready.
+    pub prepared: usize,
     /// Requests in wait queues now.
     pub waiting: u64,
     /// Requests forwarded and not completed now.
@@ -107,6 +114,10 @@ pub struct ServiceShared {
     ctl: AtomicU64,
     // Current backend and its generation. Channels lock it only when the generation changes.
     backend: Mutex<(u64, Arc<dyn BdevBackend>)>,
+    // The backend an upgrade is preparing (generation, backend), announced by `prepare`: the
+    // channels open it early so the switch does not wait for connections.
+    next: Mutex<Option<(u64, Arc<dyn BdevBackend>)>>,
+    prepare: AtomicU64,
     channels: Mutex<Vec<Arc<ChannelState>>>,
 }
 
@@ -116,6 +127,8 @@ impl ServiceShared {
         Arc::new(ServiceShared {
             ctl: AtomicU64::new(Control::new(0, false).0),
             backend: Mutex::new((0, backend)),
+            next: Mutex::new(None),
+            prepare: AtomicU64::new(0),
             channels: Mutex::new(Vec::new()),
         })
     }
@@ -138,29 +151,41 @@ impl ServiceShared {
     /// Makes `backend` current under a new generation, with the paused bit set to `paused`.
     /// Channels swap (replaying what the old backend still holds) on their next submit or poll.
     pub fn install(&self, backend: Arc<dyn BdevBackend>, paused: bool) -> Control {
-        let mut b = match self.backend.lock() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
+        let mut b = lock(&self.backend);
         let generation = b.0 + 1;
         *b = (generation, backend);
         let c = Control::new(generation, paused);
         self.ctl.store(c.0, Ordering::Release);
+        self.prepare.store(0, Ordering::Release);
+        *lock(&self.next) = None;
         c
+    }
+
+    /// Announces the next backend: channels open their channel to it now (while still
+    /// forwarding to the current one) and report when it is ready ([`QueueSnapshot::prepared`]).
+    pub fn prepare(&self, backend: Arc<dyn BdevBackend>) -> u64 {
+        let generation = lock(&self.backend).0 + 1;
+        *lock(&self.next) = Some((generation, backend.clone()));
+        self.prepare.store(generation, Ordering::Release);
+        generation
+    }
+
+    /// Forgets a prepared backend (channels close what they opened).
+    pub fn cancel_prepare(&self) {
+        self.prepare.store(0, Ordering::Release);
+        *lock(&self.next) = None;
     }
 
     /// The current backend and its generation.
     pub fn current(&self) -> (u64, Arc<dyn BdevBackend>) {
-        let b = match self.backend.lock() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
+        let b = lock(&self.backend);
         (b.0, b.1.clone())
     }
 
     /// Sums the open channels' states (and forgets closed channels).
     pub fn snapshot(&self) -> QueueSnapshot {
         let ctl = self.ctl.load(Ordering::Acquire);
+        let prep = self.prepare.load(Ordering::Acquire);
         let now = ticks();
         let mut s = QueueSnapshot::default();
         let mut v = match self.channels.lock() {
@@ -172,6 +197,7 @@ impl ServiceShared {
         for c in v.iter() {
             s.channels += 1;
             s.acked += usize::from(c.seen.load(Ordering::Acquire) == ctl);
+            s.prepared += usize::from(prep != 0 && c.next_ready.load(Ordering::Acquire) == prep);
             s.waiting += l(&c.waiting);
             s.pending += l(&c.pending);
             s.pending_writes += l(&c.pending_writes);
@@ -273,6 +299,10 @@ pub struct ServiceQueue {
     inner: Option<Box<dyn BackendChannel>>,
     inner_gen: u64,
     inner_done: Completions,
+    // A channel to the backend being prepared, opened early.
+    next: Option<Box<dyn BackendChannel>>,
+    next_gen: u64,
+    prepare_seen: u64,
     wait: VecDeque<IoRequest>,
     pending: PendingQueue,
     ctl: Control,
@@ -296,6 +326,9 @@ impl ServiceQueue {
             inner: Some(inner),
             inner_gen: generation,
             inner_done: Completions::default(),
+            next: None,
+            next_gen: 0,
+            prepare_seen: 0,
             wait: VecDeque::with_capacity(256),
             pending: PendingQueue::default(),
             ctl,
@@ -313,9 +346,13 @@ impl ServiceQueue {
         &self.pending
     }
 
-    /// Acts on a new control word. Returns work done.
+    /// Acts on a new control word or a prepared backend. Returns work done.
     #[inline]
     fn sync(&mut self, done: &mut Completions) -> usize {
+        let prep = self.shared.prepare.load(Ordering::Acquire);
+        if prep != self.prepare_seen {
+            self.prepare(prep);
+        }
         let ctl = self.shared.control();
         if ctl == self.ctl {
             return 0;
@@ -326,6 +363,27 @@ impl ServiceQueue {
         }
         self.state.seen.store(ctl.0, Ordering::Release);
         1
+    }
+
+    /// Opens a channel to the prepared backend `generation` (0: none; drop what was opened).
+    fn prepare(&mut self, generation: u64) {
+        self.prepare_seen = generation;
+        self.next = None;
+        self.next_gen = 0;
+        self.state.next_ready.store(0, Ordering::Release);
+        if generation <= self.inner_gen {
+            return;
+        }
+        let next = lock(&self.shared.next).clone();
+        if let Some((g, b)) = next.filter(|(g, _)| *g == generation) {
+            match b.open_channel() {
+                Ok(ch) => {
+                    self.next = Some(ch);
+                    self.next_gen = g;
+                }
+                Err(e) => log::warn!("service queue: cannot open the prepared backend: {e}"),
+            }
+        }
     }
 
     /// Moves to the current backend: whatever the old one still holds goes back to the head of
@@ -364,7 +422,10 @@ impl ServiceQueue {
         }
         let (generation, backend) = self.shared.current();
         self.inner_gen = generation;
-        match backend.open_channel() {
+        let early = self.next.take().filter(|_| self.next_gen == generation);
+        self.next_gen = 0;
+        self.state.next_ready.store(0, Ordering::Release);
+        match early.map_or_else(|| backend.open_channel(), Ok) {
             Ok(ch) => {
                 self.inner = Some(ch);
                 if let Ok(mut e) = self.state.error.lock() {
@@ -456,6 +517,16 @@ impl BackendChannel for ServiceQueue {
         let mut work = self.sync(done);
         if let Some(inner) = self.inner.as_mut() {
             work += inner.poll(&mut self.inner_done);
+        }
+        if let Some(next) = self.next.as_mut() {
+            // No requests yet: this only lets it connect.
+            let mut none = Completions::default();
+            work += next.poll(&mut none);
+            if next.ready() {
+                self.state
+                    .next_ready
+                    .store(self.next_gen, Ordering::Release);
+            }
         }
         work += self.collect(done);
         work += self.forward(done);

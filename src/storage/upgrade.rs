@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 
 /// How long an upgrade waits for every channel to pick up the new backend before reporting.
 const SWAP_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an upgrade waits for the channels' early connections to the new backend before
+/// pausing anyway (the switch then waits for them inside the pause).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Control-plane bookkeeping of one service.
 #[derive(Debug, Default)]
@@ -87,6 +90,10 @@ pub struct UpgradeReport {
     pub pause: PauseReport,
     /// Time to create the new backend (connect, open), before the pause.
     pub create_ms: f64,
+    /// Time for every channel's early connection to the new backend, before the pause.
+    pub prepare_ms: f64,
+    /// Channels ready on the new backend when the pause began.
+    pub prepared: usize,
     /// From the pause to every channel running on the new backend: the stall callers saw.
     pub stall_ms: f64,
     /// Requests replayed on the new backend by this upgrade.
@@ -294,11 +301,24 @@ impl ServiceBackend {
                 new,
             });
         }
+        // Every channel opens its channel to the new backend while IO still flows to the old one.
+        let tp = Instant::now();
+        let backend: Arc<dyn BdevBackend> = Arc::from(backend);
+        self.shared.prepare(backend.clone());
+        let prepared = loop {
+            let s = self.shared.snapshot();
+            if s.prepared == s.channels || tp.elapsed() >= PREPARE_TIMEOUT {
+                break s.prepared;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        };
+        let prepare = tp.elapsed();
         let was_paused = self.shared.control().paused();
         let t0 = Instant::now();
         self.begin_pause();
         let pause = self.drain(drain_timeout);
         if !pause.drained && !force {
+            self.shared.cancel_prepare();
             if !was_paused {
                 let mut c = lock(&self.ctl);
                 self.shared.set_paused(false);
@@ -308,7 +328,7 @@ impl ServiceBackend {
         }
         let before = self.shared.snapshot().replayed;
         // New backend and resume in one store: each channel swaps, replays and forwards at once.
-        let ctl = self.shared.install(Arc::from(backend), false);
+        let ctl = self.shared.install(backend, false);
         let deadline = Instant::now() + SWAP_ACK_TIMEOUT;
         let snap = loop {
             let s = self.shared.snapshot();
@@ -326,6 +346,8 @@ impl ServiceBackend {
             generation: ctl.generation(),
             pause,
             create_ms: ms(create),
+            prepare_ms: ms(prepare),
+            prepared,
             stall_ms: ms(stall),
             replayed: snap.replayed.saturating_sub(before),
             errors: snap.errors,

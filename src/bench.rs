@@ -293,15 +293,10 @@ pub fn macnat(args: &BenchMacnatArgs) -> Result<(), Error> {
     };
     for lcs in &lcore_sets {
         let seq1 = Arc::new(index_sequence(1, 1));
-        let base1 = measure(
-            lcs,
-            &mut queues,
-            Mode::MacSwap,
-            None,
-            policy,
-            &seq1,
-            args.time,
-        )?;
+        let swap = |queues: &mut Vec<Queues>| {
+            measure(lcs, queues, Mode::MacSwap, None, policy, &seq1, args.time)
+        };
+        let base1 = swap(&mut queues)?;
         let mut nat_rows = Vec::new();
         for &n in &args.entries {
             let n32 = u32::try_from(n).map_err(|_| "entries too large")?.max(1);
@@ -326,15 +321,7 @@ pub fn macnat(args: &BenchMacnatArgs) -> Result<(), Error> {
             )?;
             nat_rows.push((n, m));
         }
-        let base2 = measure(
-            lcs,
-            &mut queues,
-            Mode::MacSwap,
-            None,
-            policy,
-            &seq1,
-            args.time,
-        )?;
+        let base2 = swap(&mut queues)?;
         let base = Measurement {
             mpps: (base1.mpps + base2.mpps) / 2.0,
             cycles_per_pkt: (base1.cycles_per_pkt + base2.cycles_per_pkt) / 2.0,

@@ -144,6 +144,14 @@ pub struct BenchBdevArgs {
     /// Then run `fio --ioengine=io_uring` on the same file (file bdevs) and print the ratio.
     #[arg(long)]
     pub fio: bool,
+    /// Then run `rbd bench` on the same image, same io size/depth/pattern (rbd bdevs) and print
+    /// the ratio.
+    #[arg(long)]
+    pub rbd_bench: bool,
+    /// Reactors sleep this long after 1000 idle polls (0 = spin, as on a dedicated core). Use it
+    /// when the reactor shares its CPUs with the storage system (a local Ceph cluster).
+    #[arg(long, default_value_t = 0)]
+    pub idle_sleep_us: u64,
     /// Extra EAL arguments after `--`.
     #[arg(last = true, value_name = "EAL ARGS")]
     pub eal: Vec<String>,

@@ -199,10 +199,17 @@ pub struct LcorePlan {
 impl Config {
     /// Reads and parses a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.display().to_string(), err })?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: path.display().to_string(),
+            err,
+        })?;
         let mut cfg = Config::parse(&text, &path.display().to_string())?;
         if let Some(v) = &cfg.storage.vm_config {
-            let vpath = if v.is_relative() { path.parent().unwrap_or(Path::new(".")).join(v) } else { v.clone() };
+            let vpath = if v.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(v)
+            } else {
+                v.clone()
+            };
             let extra = VmFile::load(&vpath).map_err(|m| field("storage.vm_config", m))?;
             cfg.vms.extend(extra.vms);
             cfg.validate_static()?;
@@ -396,17 +403,27 @@ impl Config {
         let check = |name: &str, set: &BTreeSet<u32>| -> Result<(), ConfigError> {
             for id in set {
                 if !eal.contains(id) {
-                    return Err(field(name, format!("lcore {id} is not in the EAL lcore set {}", crate::lcores::format_lcore_list(&eal))));
+                    return Err(field(
+                        name,
+                        format!(
+                            "lcore {id} is not in the EAL lcore set {}",
+                            crate::lcores::format_lcore_list(&eal)
+                        ),
+                    ));
                 }
                 if *id == main {
-                    return Err(field(name, format!("lcore {id} is the main lcore; {name} must be workers")));
+                    return Err(field(
+                        name,
+                        format!("lcore {id} is the main lcore; {name} must be workers"),
+                    ));
                 }
             }
             Ok(())
         };
         let storage_given = match &self.storage.lcores {
             Some(l) => {
-                let set = parse_lcore_list(l).map_err(|e| field("storage.lcores", e.to_string()))?;
+                let set =
+                    parse_lcore_list(l).map_err(|e| field("storage.lcores", e.to_string()))?;
                 check("storage.lcores", &set)?;
                 Some(set)
             }
@@ -421,7 +438,11 @@ impl Config {
             }
             // A storage-only config: no [[port]], no net.lcores.
             None if has_storage && self.ports.is_empty() => Vec::new(),
-            None => workers.iter().copied().filter(|l| storage_given.as_ref().is_none_or(|s| !s.contains(l))).collect(),
+            None => workers
+                .iter()
+                .copied()
+                .filter(|l| storage_given.as_ref().is_none_or(|s| !s.contains(l)))
+                .collect(),
         };
         let storage: Vec<u32> = match storage_given {
             Some(s) => s.into_iter().collect(),
@@ -437,10 +458,19 @@ impl Config {
             }
         };
         if let Some(l) = net.iter().find(|l| storage.contains(l)) {
-            return Err(field("storage.lcores", format!("lcore {l} is also a net lcore")));
+            return Err(field(
+                "storage.lcores",
+                format!("lcore {l} is also a net lcore"),
+            ));
         }
         if has_storage && storage.is_empty() {
-            return Err(field("storage.lcores", format!("no worker lcore left for storage reactors (EAL lcores {}, main {main})", crate::lcores::format_lcore_list(&eal))));
+            return Err(field(
+                "storage.lcores",
+                format!(
+                    "no worker lcore left for storage reactors (EAL lcores {}, main {main})",
+                    crate::lcores::format_lcore_list(&eal)
+                ),
+            ));
         }
         if net.is_empty() && storage.is_empty() {
             return Err(field(
@@ -448,7 +478,12 @@ impl Config {
                 format!("no worker lcore to poll ports (EAL lcores {}, main {main}): give at least two lcores, e.g. -l 0-1", crate::lcores::format_lcore_list(&eal)),
             ));
         }
-        Ok(LcorePlan { eal, main, net, storage })
+        Ok(LcorePlan {
+            eal,
+            main,
+            net,
+            storage,
+        })
     }
 }
 
@@ -539,15 +574,35 @@ role = "vm"
         let c = Config::parse(&format!("[eal]\nlcores = \"0-2\"\n{PORTS}\n{vm}"), "t").unwrap();
         let p = c.lcore_plan(None, None, None).unwrap();
         assert_eq!((p.net.clone(), p.storage.clone()), (vec![1], vec![2]));
-        assert!(c.lcore_plan(Some("0-1"), None, None).unwrap_err().to_string().contains("storage.lcores"));
+        assert!(c
+            .lcore_plan(Some("0-1"), None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("storage.lcores"));
         // Explicit.
-        let c = Config::parse(&format!("[eal]\nlcores = \"0-3\"\n[storage]\nlcores = \"1\"\n{PORTS}"), "t").unwrap();
+        let c = Config::parse(
+            &format!("[eal]\nlcores = \"0-3\"\n[storage]\nlcores = \"1\"\n{PORTS}"),
+            "t",
+        )
+        .unwrap();
         let p = c.lcore_plan(None, None, None).unwrap();
         assert_eq!((p.net.clone(), p.storage.clone()), (vec![2, 3], vec![1]));
-        let c = Config::parse("[eal]\nlcores = \"0-3\"\n[storage]\nlcores = \"1\"\n[net]\nlcores = \"1-2\"", "t").unwrap();
-        assert!(c.lcore_plan(None, None, None).unwrap_err().to_string().contains("also a net lcore"));
+        let c = Config::parse(
+            "[eal]\nlcores = \"0-3\"\n[storage]\nlcores = \"1\"\n[net]\nlcores = \"1-2\"",
+            "t",
+        )
+        .unwrap();
+        assert!(c
+            .lcore_plan(None, None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("also a net lcore"));
         let c = Config::parse("[storage]\nlcores = \"0\"", "t").unwrap();
-        assert!(c.lcore_plan(Some("0-1"), None, None).unwrap_err().to_string().contains("main lcore"));
+        assert!(c
+            .lcore_plan(Some("0-1"), None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("main lcore"));
         assert!(err_of("[storage]\nlanes = 1").contains("lanes"));
         assert!(err_of("[[vm]]\nname = \"\"").contains("vm[0].name"));
         assert!(err_of("[[vm]]\nname = \"a\"\n[[vm.disk]]\nname = \"d\"").contains("system"));

@@ -760,7 +760,10 @@ fn shared_captures(dir: &Path, tmp: &Path) {
             .arg("--")
             .args(common::eal_test_args(&format!("golden-shared{i}")))
             .env("RUST_LOG", "warn")
-            .env("HOSTPLANE_RPC_SOCKET", common::rpc_socket(&format!("golden-shared{i}")))
+            .env(
+                "HOSTPLANE_RPC_SOCKET",
+                common::rpc_socket(&format!("golden-shared{i}")),
+            )
             .output()
             .expect("spawn hostplane");
         let stdout = String::from_utf8_lossy(&res.stdout);

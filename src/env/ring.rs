@@ -71,54 +71,45 @@ fn create<T>(name: &str, capacity: u32, flags: u32) -> Result<Arc<RawRing<T>>, E
     }))
 }
 
-/// A single-producer, single-consumer ring of `capacity` messages. `name` must be unique.
-pub fn spsc<T: Send>(name: &str, capacity: u32) -> Result<(Producer<T>, Consumer<T>), EnvError> {
-    let r = create::<T>(name, capacity, RING_F_SP_ENQ | RING_F_SC_DEQ)?;
-    Ok((
+fn handles<T>(
+    r: Arc<RawRing<T>>,
+    multi_producer: bool,
+    multi_consumer: bool,
+) -> (Producer<T>, Consumer<T>) {
+    (
         Producer {
             ring: r.clone(),
-            multi: false,
+            multi: multi_producer,
             _not_sync: PhantomData,
         },
         Consumer {
             ring: r,
-            multi: false,
+            multi: multi_consumer,
             _not_sync: PhantomData,
         },
+    )
+}
+
+/// A single-producer, single-consumer ring of `capacity` messages. `name` must be unique.
+pub fn spsc<T: Send>(name: &str, capacity: u32) -> Result<(Producer<T>, Consumer<T>), EnvError> {
+    Ok(handles(
+        create::<T>(name, capacity, RING_F_SP_ENQ | RING_F_SC_DEQ)?,
+        false,
+        false,
     ))
 }
 
 /// A multi-producer, multi-consumer ring; both handles can be cloned.
 pub fn mpmc<T: Send>(name: &str, capacity: u32) -> Result<(Producer<T>, Consumer<T>), EnvError> {
-    let r = create::<T>(name, capacity, 0)?;
-    Ok((
-        Producer {
-            ring: r.clone(),
-            multi: true,
-            _not_sync: PhantomData,
-        },
-        Consumer {
-            ring: r,
-            multi: true,
-            _not_sync: PhantomData,
-        },
-    ))
+    Ok(handles(create::<T>(name, capacity, 0)?, true, true))
 }
 
 /// A multi-producer, single-consumer ring (the reactor message queue shape).
 pub fn mpsc<T: Send>(name: &str, capacity: u32) -> Result<(Producer<T>, Consumer<T>), EnvError> {
-    let r = create::<T>(name, capacity, RING_F_SC_DEQ)?;
-    Ok((
-        Producer {
-            ring: r.clone(),
-            multi: true,
-            _not_sync: PhantomData,
-        },
-        Consumer {
-            ring: r,
-            multi: false,
-            _not_sync: PhantomData,
-        },
+    Ok(handles(
+        create::<T>(name, capacity, RING_F_SC_DEQ)?,
+        true,
+        false,
     ))
 }
 

@@ -596,7 +596,9 @@ pub fn egress_key(info: &FrameInfo) -> Option<IpKey> {
         }
         // Unspecified (DAD) and link-local (fe80::/10: RS, MLD, NS for a link-local router)
         // sources identify no table entry: the VM is found by its source MAC instead.
-        L3::Ipv6 { src, .. } => (src != [0; 16] && !(src[0] == 0xfe && src[1] & 0xc0 == 0x80)).then_some(IpKey::V6(src)),
+        L3::Ipv6 { src, .. } => {
+            (src != [0; 16] && !(src[0] == 0xfe && src[1] & 0xc0 == 0x80)).then_some(IpKey::V6(src))
+        }
         L3::Control(_) | L3::Llc { .. } | L3::Other { .. } => None,
     }
 }

@@ -449,9 +449,13 @@ fn prefill(path: &std::path::Path) -> Result<(), Error> {
 /// `hostplane bench bdev`.
 pub fn bench(a: &BenchBdevArgs) -> Result<(), Error> {
     let registry = BackendRegistry::with_builtin();
+    let mut rbd_params = None;
     let (bdev, file_path, direct) = match (&a.bdev, &a.config, &a.disk) {
         (Some(spec), None, _) => {
             let (t, p) = parse_spec(spec)?;
+            if t == "rbd" {
+                rbd_params = Some(p.clone());
+            }
             let path = (t == "file")
                 .then(|| p["path"].as_str().map(std::path::PathBuf::from))
                 .flatten();
@@ -469,6 +473,9 @@ pub fn bench(a: &BenchBdevArgs) -> Result<(), Error> {
                 .and_then(|v| v.disks.iter().find(|x| x.name == d))
                 .ok_or_else(|| format!("no disk {disk} in {}", cfg.display()))?;
             let p = serde_json::to_value(&ds.params)?;
+            if ds.system == "rbd" {
+                rbd_params = Some(p.clone());
+            }
             let path = (ds.system == "file")
                 .then(|| p["path"].as_str().map(std::path::PathBuf::from))
                 .flatten();
@@ -488,8 +495,13 @@ pub fn bench(a: &BenchBdevArgs) -> Result<(), Error> {
         .map(|n| n.get())
         .unwrap_or(1);
     let mut eal = None;
+    let ropts = ReactorOptions {
+        idle_sleep: (a.idle_sleep_us > 0)
+            .then(|| std::time::Duration::from_micros(a.idle_sleep_us)),
+        ..ReactorOptions::default()
+    };
     let set = if a.threads {
-        ReactorSet::spawn_threads(a.reactors, ReactorOptions::default())?
+        ReactorSet::spawn_threads(a.reactors, ropts)?
     } else {
         // Main lcore on CPU 0 (it only waits); reactor i on CPU (i+1) mod ncpu.
         let mut map = vec!["0@0".to_string()];
@@ -521,7 +533,7 @@ pub fn bench(a: &BenchBdevArgs) -> Result<(), Error> {
         args.extend(a.eal.iter().cloned());
         let e = crate::env::Eal::init(&args)?;
         let lcores: Vec<u32> = (1..=a.reactors as u32).collect();
-        let s = ReactorSet::launch_lcores(&lcores, ReactorOptions::default())?;
+        let s = ReactorSet::launch_lcores(&lcores, ropts)?;
         eal = Some(e);
         s
     };
@@ -551,6 +563,8 @@ pub fn bench(a: &BenchBdevArgs) -> Result<(), Error> {
     let failed = set.stop();
     drop(set);
     drop(eal);
+    // Close the image (and release its lock) before another client benchmarks it.
+    drop(bdev);
     if !failed.is_empty() {
         return Err(failed.join("; ").into());
     }
@@ -567,10 +581,94 @@ pub fn bench(a: &BenchBdevArgs) -> Result<(), Error> {
             ours.mean_us, f.mean_us
         );
     }
+    if a.rbd_bench {
+        let Some(p) = &rbd_params else {
+            return Err(
+                "--rbd-bench compares an rbd bdev: give --bdev rbd:pool=...,image=...".into(),
+            );
+        };
+        // About as long as our run: rbd bench stops after an amount of IO, not a time.
+        let total = ((ours.iops * a.time) as u64).max(1000) * a.bs;
+        let r = rbd_bench_summary(p, a, total)?;
+        print_row("rbd bench", &r, None);
+        let ratio = ours.iops / r.iops.max(1e-9);
+        println!(
+            "ratio hostplane/rbd-bench IOPS: {ratio:.3} (target >= 0.9); mean latency {:.2} us (hostplane)",
+            ours.mean_us
+        );
+    }
     if ours.errors > 0 {
         return Err(format!("{} IOs failed", ours.errors).into());
     }
     Ok(())
+}
+
+/// Runs `rbd bench` on the image an rbd bdev spec names, with the same io size, depth and
+/// pattern, for `total` bytes. `rbd bench` has no latency output: only IOPS and MiB/s are set.
+fn rbd_bench_summary(
+    p: &serde_json::Value,
+    a: &BenchBdevArgs,
+    total: u64,
+) -> Result<Summary, Error> {
+    let r: crate::storage::rbd::RbdParams = crate::storage::registry::parse_params("rbd", p)?;
+    let key = r.cluster_key()?;
+    let (io_type, pattern) = match a.rw {
+        Pattern::Read => ("read", "seq"),
+        Pattern::Write => ("write", "seq"),
+        Pattern::Randread => ("read", "rand"),
+        Pattern::Randwrite => ("write", "rand"),
+        Pattern::Rw => ("readwrite", "seq"),
+        Pattern::Randrw => ("readwrite", "rand"),
+    };
+    let mut cmd = std::process::Command::new("rbd");
+    if let Some(f) = &key.config_file {
+        cmd.args(["-c", f]);
+    }
+    if let Some(u) = &key.user_id {
+        cmd.args(["--id", u]);
+    }
+    if let Some(k) = &key.key_file {
+        cmd.args(["--keyring", k]);
+    }
+    for (k, v) in &key.config {
+        cmd.arg(format!("--{k}={v}"));
+    }
+    cmd.args(["bench", "--io-type", io_type, "--io-pattern", pattern])
+        .arg(format!("--io-size={}", a.bs))
+        .arg(format!("--io-threads={}", a.qd))
+        .arg(format!("--io-total={total}"))
+        .arg(format!("{}/{}", r.pool_name, r.rbd_name));
+    if io_type == "readwrite" {
+        cmd.arg("--rw-mix-read=50");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("rbd bench: {e} (apt-get install ceph-common)"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "rbd bench failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    // Last line: "elapsed: 3   ops: 16384   ops/sec: 4352.82   bytes/sec: 17 MiB/s"
+    let iops = text
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let i = l.find("ops/sec:")?;
+            l[i + 8..].split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .ok_or_else(|| format!("rbd bench: no ops/sec in its output: {text}"))?;
+    Ok(Summary {
+        iops,
+        mibs: iops * a.bs as f64 / (1 << 20) as f64,
+        mean_us: 0.0,
+        p99_us: 0.0,
+        errors: 0,
+    })
 }
 
 #[cfg(test)]

@@ -2,9 +2,11 @@
 //!
 //! - [`reactor`]: one reactor per storage lcore (or plain thread in tests); pollers + messages.
 //! - [`bdev`]: the asynchronous block-device interface, requests, per-reactor IO channels, stats.
-//! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`].
+//! - [`registry`]: storage systems by type name; [`malloc`], [`null`], [`file`], [`nbd`],
+//!   [`rbd`] (Ceph, through [`ceph`], the only caller of `rbd-sys`).
 //! - [`routing`]: the VM/disk config and the bdevs created from it.
 //! - [`bdevperf`]: `hostplane bench bdev`.
+//! - [`vhost`]: vhost-user-blk controllers (own vhost-user back-end, split rings, inflight).
 //! - [`qos`]: credit buckets, classes from quota, per-slice allocation (not yet on the IO path).
 //! - [`service_queue`]: per-service wait/pending queues (where a request waits during a pause);
 //!   [`upgrade`]: pause → drain → swap backend → replay → resume.
@@ -13,17 +15,20 @@
 
 pub mod bdev;
 pub mod bdevperf;
+pub mod ceph;
 pub mod client;
 pub mod file;
 pub mod malloc;
 pub mod nbd;
 pub mod null;
 pub mod qos;
+pub mod rbd;
 pub mod reactor;
 pub mod registry;
 pub mod routing;
 pub mod service_queue;
 pub mod upgrade;
+pub mod vhost;
 
 pub use bdev::{Bdev, BdevError, BdevInfo, IoBuf, IoChannel, IoKind, IoRequest, IoStat, IoStatus};
 pub use reactor::{

@@ -26,13 +26,14 @@ pub struct BackendRegistry {
 }
 
 impl BackendRegistry {
-    /// A registry with `malloc`, `null`, `file` and `nbd`.
+    /// A registry with `malloc`, `null`, `file`, `nbd` and `rbd`.
     pub fn with_builtin() -> BackendRegistry {
         let mut r = BackendRegistry::default();
         r.register("malloc", super::malloc::BACKEND);
         r.register("null", super::null::BACKEND);
         r.register("file", super::file::BACKEND);
         r.register("nbd", super::nbd::BACKEND);
+        r.register("rbd", super::rbd::BACKEND);
         r
     }
 

@@ -6,4 +6,5 @@
 
 pub mod framework;
 pub mod net;
+pub mod rbd;
 pub mod upgrade;

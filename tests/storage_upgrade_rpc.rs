@@ -6,8 +6,20 @@ mod common;
 use hostplane::control::client::{call, ClientError};
 use serde_json::{json, Value};
 use std::os::unix::net::UnixStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// The spawned `hostplane run`, killed if the test fails half-way (no orphan keeps running).
+struct Run(Option<Child>);
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
 
 #[test]
 fn service_methods_over_the_socket() {
@@ -39,7 +51,7 @@ params = {{ path = "{file}", size_mib = 4, direct = false }}
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hostplane"))
+    let child = Command::new(env!("CARGO_BIN_EXE_hostplane"))
         .args(["run", "--stats-interval", "0", "-r"])
         .arg(&sock)
         .arg("--config")
@@ -48,9 +60,10 @@ params = {{ path = "{file}", size_mib = 4, direct = false }}
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn hostplane run");
+    let mut run = Run(Some(child));
     let deadline = Instant::now() + Duration::from_secs(60);
     while UnixStream::connect(&sock).is_err() {
-        if let Ok(Some(st)) = child.try_wait() {
+        if let Some(Ok(Some(st))) = run.0.as_mut().map(Child::try_wait) {
             panic!("hostplane run exited early: {st}");
         }
         assert!(Instant::now() < deadline, "no RPC socket");
@@ -126,6 +139,9 @@ params = {{ path = "{file}", size_mib = 4, direct = false }}
         assert!(methods.as_array().unwrap().contains(&json!(m)), "{m}");
     }
 
+    let Some(child) = run.0.take() else {
+        unreachable!("the child is taken only here")
+    };
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();

@@ -33,8 +33,6 @@ pub const PENDING: &[(&str, &str)] = &[
     ("bdev_get_bdevs", "storage"),
     ("bdev_get_iostat", "storage"),
     ("bdev_set_qos_limit", "qos"),
-    ("bdev_pause", "storage pause/drain"),
-    ("bdev_resume", "storage pause/drain"),
     ("vhost_create_blk_controller", "vhost-user-blk"),
     ("vhost_get_controllers", "vhost-user-blk"),
     ("vhost_delete_controller", "vhost-user-blk"),

@@ -28,7 +28,9 @@
 //!   replayed, so a replayed write can never land after a newer write to the same blocks that was
 //!   acknowledged: the submitter could only have issued that newer write concurrently with it.
 
-use super::bdev::{BackendChannel, BdevBackend, BdevError, Completions, IoKind, IoRequest};
+use super::bdev::{
+    BackendChannel, BdevBackend, BdevError, Completions, IoKind, IoRequest, IoStatus,
+};
 use super::ticks;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -398,6 +400,13 @@ impl ServiceQueue {
         }
         let mut replay = Vec::with_capacity(back.len());
         while let Some((req, st)) = back.pop() {
+            if st != IoStatus::Aborted {
+                // The old backend finished it while closing (file: the kernel completed it): a
+                // real completion, not a replay.
+                self.pending.complete(req.queue_seq);
+                done.push(req, st);
+                continue;
+            }
             if self.pending.complete(req.queue_seq) {
                 replay.push(req);
             } else {
@@ -546,7 +555,7 @@ impl BackendChannel for ServiceQueue {
         self.collect(done);
         self.pending.clear();
         while let Some(r) = self.wait.pop_front() {
-            done.push(r, super::bdev::IoStatus::Aborted);
+            done.push(r, IoStatus::Aborted);
         }
         self.publish();
     }
@@ -596,6 +605,8 @@ mod tests {
         write_tags: BTreeSet<u64>,
         // Completed by a service (acknowledged to the queue).
         svc_done: BTreeSet<u64>,
+        // Services finish what they hold when closed (like `file`) instead of returning it.
+        finish_on_abort: bool,
         violations: Vec<String>,
     }
 
@@ -686,9 +697,15 @@ mod tests {
             with(|w| w.svcs[self.0].held.len() + w.svcs[self.0].ready.len())
         }
         fn abort(&mut self, done: &mut Completions) {
-            let held = with(|w| std::mem::take(&mut w.svcs[self.0].held));
+            let (held, finish) =
+                with(|w| (std::mem::take(&mut w.svcs[self.0].held), w.finish_on_abort));
             for r in held {
-                done.push(r, IoStatus::Aborted);
+                if finish {
+                    with(|w| w.svc_done.insert(r.tag));
+                    done.push(r, IoStatus::Success);
+                } else {
+                    done.push(r, IoStatus::Aborted);
+                }
             }
         }
     }
@@ -982,6 +999,21 @@ mod tests {
         h.ch.poll();
         assert_eq!(with(|w| w.svcs[1].received.clone()), vec![1, 3, 4, 5]);
         assert_eq!(h.shared().snapshot().replayed, 3);
+        h.finish();
+        h.check();
+    }
+
+    #[test]
+    fn requests_finished_while_closing_complete_instead_of_replaying() {
+        let mut h = Harness::new();
+        with(|w| w.finish_on_abort = true);
+        for b in 0..3 {
+            h.submit(0, b);
+        }
+        h.upgrade();
+        h.ch.poll();
+        assert_eq!(h.shared().snapshot().replayed, 0);
+        assert!(with(|w| w.svcs[1].received.is_empty()));
         h.finish();
         h.check();
     }

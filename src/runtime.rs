@@ -336,6 +336,17 @@ impl Dataplane {
         if let Some(v) = &self.vhost {
             control::methods::vhost::register(&mut reg, v.clone());
         }
+        // bdev_pause / bdev_resume / bdev_upgrade / bdev_get_service_stats: VM disks and rbd bdevs.
+        let disks: Vec<_> = self
+            .storage
+            .iter()
+            .flat_map(|st| st.routing.disks.iter().filter_map(|d| d.bdev.as_ref().ok().cloned()))
+            .collect();
+        let rbd = self.rbd.clone();
+        control::methods::upgrade::register(
+            &mut reg,
+            Arc::new(move || disks.iter().cloned().chain(rbd.list()).collect()),
+        );
         reg
     }
 

@@ -2,9 +2,8 @@
 //! `save_config` writes and `load_config` replays.
 //!
 //! Built once before the server starts, then shared read-only (no lock): handlers carry their
-//! own handles (RCU table, message senders to lcores/reactors). Methods of SPDK's dialect that
-//! this build cannot back yet are listed in [`PENDING`] and answer -32601 until a feature
-//! registers them; wiring one is one `register_typed` line in that feature's `register()`.
+//! own handles (RCU table, message senders to lcores/reactors). Each feature wires its methods
+//! with `register_typed` lines in its own `register()`.
 
 use super::json_config::{ConfigCall, JsonConfig, SubsystemConfig};
 use super::jsonrpc::RpcError;
@@ -19,12 +18,6 @@ pub type Handler = Box<dyn Fn(Value) -> Result<Value, RpcError> + Send + Sync>;
 
 /// A subsystem's live state as the calls that recreate it from a fresh start.
 pub type ConfigSaver = Box<dyn Fn() -> Vec<ConfigCall> + Send + Sync>;
-
-/// Methods the issue plans but no feature backs yet, with the feature that will.
-pub const PENDING: &[(&str, &str)] = &[
-    ("bdev_pause", "storage pause/drain"),
-    ("bdev_resume", "storage pause/drain"),
-];
 
 /// Methods the registry itself answers (they need the registry).
 const BUILTIN: &[&str] = &[
@@ -162,13 +155,7 @@ impl Registry {
             }
             _ => match self.methods.get(method) {
                 Some(h) => h(params),
-                None => match PENDING.iter().find(|(m, _)| *m == method) {
-                    Some((_, feature)) => Err(RpcError::new(
-                        super::jsonrpc::METHOD_NOT_FOUND,
-                        format!("Method not found: {method} is not available in this build yet (needs {feature})"),
-                    )),
-                    None => Err(RpcError::method_not_found(method)),
-                },
+                None => Err(RpcError::method_not_found(method)),
             },
         }
     }
@@ -283,16 +270,8 @@ mod tests {
     }
 
     #[test]
-    fn pending_and_unknown_methods_are_not_found() {
+    fn unknown_methods_are_not_found() {
         let (r, _) = counter_registry();
-        let e = r
-            .call(
-                "vhost_create_blk_controller",
-                json!({"ctrlr": "vhost.0", "dev_name": "M0"}),
-            )
-            .unwrap_err();
-        assert_eq!(e.code, -32601);
-        assert!(e.message.contains("vhost-user-blk"));
         assert_eq!(r.call("nope", Value::Null).unwrap_err().code, -32601);
         let names = r
             .call(
@@ -301,13 +280,6 @@ mod tests {
             )
             .unwrap();
         assert!(names.as_array().unwrap().contains(&json!("counter_add")));
-        assert!(
-            !names
-                .as_array()
-                .unwrap()
-                .contains(&json!("vhost_create_blk_controller")),
-            "pending methods are not advertised"
-        );
     }
 
     #[test]

@@ -185,6 +185,8 @@ pub struct IoRequest {
     pub buf: Option<IoBuf>,
     /// Free for the submitter (e.g. a virtqueue head index).
     pub tag: u64,
+    /// Set by the bdev's service queue (submission order, for replay); not for submitters.
+    pub queue_seq: u64,
     submit_tick: u64,
     cb: Option<Completion>,
 }
@@ -197,6 +199,7 @@ impl IoRequest {
             len,
             buf,
             tag: 0,
+            queue_seq: 0,
             submit_tick: 0,
             cb: Some(cb),
         }
@@ -282,6 +285,7 @@ impl Drop for IoRequest {
                 len: self.len,
                 buf: self.buf.take(),
                 tag: self.tag,
+                queue_seq: self.queue_seq,
                 submit_tick: self.submit_tick,
                 cb: None,
             };
@@ -309,6 +313,12 @@ impl Completions {
     #[inline]
     pub fn push(&mut self, req: IoRequest, st: IoStatus) {
         self.0.push_back((req, st));
+    }
+
+    /// Takes the oldest completion (for a layer that wraps another backend channel).
+    #[inline]
+    pub fn pop(&mut self) -> Option<(IoRequest, IoStatus)> {
+        self.0.pop_front()
     }
 
     /// Number queued.
@@ -418,6 +428,11 @@ pub trait BackendChannel {
     fn inflight(&self) -> usize;
     /// Hands every request still held to `done` with [`IoStatus::Aborted`] (shutdown).
     fn abort(&mut self, done: &mut Completions);
+    /// Whether a request submitted now could be sent at once (e.g. the connection is up). An
+    /// upgrade opens the new backend's channels early and switches when they are ready.
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// A storage system behind a bdev: geometry plus a factory for per-reactor channels.
@@ -428,6 +443,10 @@ pub trait BdevBackend: Send + Sync {
     fn info(&self) -> BdevInfo;
     /// Opens a channel for the calling reactor. Must not block for long (no network round trips).
     fn open_channel(&self) -> Result<Box<dyn BackendChannel>, BdevError>;
+    /// The concrete backend, for layers that look for their own wrapper (the service queue).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Per-kind counters of one channel (single writer: the channel's reactor).
@@ -664,6 +683,11 @@ impl Bdev {
     /// IO channels open now (a bdev with open channels is in use and cannot be deleted).
     pub fn open_channels(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// The backend (see [`BdevBackend::as_any`]).
+    pub fn backend(&self) -> &dyn BdevBackend {
+        self.backend.as_ref()
     }
 
     /// Opens an IO channel on reactor `r` (the caller runs on it); the channel belongs to that

@@ -10,6 +10,8 @@
 //! - [`vhost`]: vhost-user-blk controllers (own vhost-user back-end, split rings, inflight).
 //! - [`qos`]: credit buckets, classes from quota, per-slice allocation (pure logic).
 //! - [`qos_gate`]: QoS on the IO path: each bdev's limits and queue on its owner reactor.
+//! - [`service_queue`]: per-service wait/pending queues (where a request waits during a pause);
+//!   [`upgrade`]: pause → drain → swap backend → replay → resume.
 //!
 //! See docs/storage.md.
 
@@ -30,6 +32,8 @@ pub mod qosbench;
 pub mod reactor;
 pub mod registry;
 pub mod routing;
+pub mod service_queue;
+pub mod upgrade;
 pub mod vhost;
 
 pub use bdev::{Bdev, BdevError, BdevInfo, IoBuf, IoChannel, IoKind, IoRequest, IoStat, IoStatus};

@@ -856,6 +856,10 @@ impl BackendChannel for NbdChannel {
         self.queue.len() + self.slots.len() - self.free.len()
     }
 
+    fn ready(&self) -> bool {
+        matches!(self.state, State::Up(_))
+    }
+
     fn abort(&mut self, done: &mut Completions) {
         self.connector = None;
         for i in 0..self.slots.len() {

@@ -356,6 +356,20 @@ impl Reactor {
         }
     }
 
+    /// A reactor that is never run, for unit tests that need one to open IO channels on.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Reactor {
+        let (_tx, rx) = crossbeam_channel::unbounded();
+        Reactor::new(
+            0,
+            None,
+            MsgReceiver::Channel(rx),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(ReactorCounters::default()),
+            ReactorOptions::default(),
+        )
+    }
+
     /// This reactor's value of type `T` (created with `Default` on first use). Only code running
     /// on the reactor can reach it: state that lives here is owned by the reactor.
     pub fn local<T: Default + 'static>(&mut self) -> &mut T {

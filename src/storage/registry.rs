@@ -61,7 +61,8 @@ impl BackendRegistry {
         (self.get(type_name)?.check)(params)
     }
 
-    /// Creates a bdev named `name` on storage system `type_name`.
+    /// Creates a bdev named `name` on storage system `type_name`, behind service queues (so it
+    /// can be paused and upgraded, see `upgrade`).
     pub fn create(
         &self,
         type_name: &str,
@@ -69,8 +70,10 @@ impl BackendRegistry {
         params: &Params,
         read_only: bool,
     ) -> Result<Arc<Bdev>, BdevError> {
-        let backend = (self.get(type_name)?.create)(params)?;
-        Ok(Bdev::new(name, backend, read_only))
+        let t = *self.get(type_name)?;
+        let backend = (t.create)(params)?;
+        let service = super::upgrade::ServiceBackend::new(t, params.clone(), backend);
+        Ok(Bdev::new(name, Box::new(service), read_only))
     }
 }
 

@@ -58,6 +58,12 @@ impl RbdBdevs {
         m.get(name).map(|(b, _)| b.clone())
     }
 
+    /// Every bdev, by name.
+    pub fn list(&self) -> Vec<Arc<Bdev>> {
+        let m = self.bdevs.lock().unwrap_or_else(|p| p.into_inner());
+        m.values().map(|(b, _)| b.clone()).collect()
+    }
+
     /// `bdev_rbd_create`: connects and opens the image (blocking, bounded by the timeouts);
     /// returns the bdev name.
     fn create(&self, p: CreateParams) -> Result<Value, RpcError> {

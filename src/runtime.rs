@@ -389,8 +389,13 @@ impl Dataplane {
             Arc::new(control::methods::rbd::RbdBdevs::default()),
         );
         if let Some(st) = &self.storage {
-            let handles = (0..st.reactors.len()).filter_map(|i| st.reactors.handle(i)).collect();
-            control::methods::convert::register(&mut reg, crate::storage::convert::service::ConvertService::new(handles));
+            let handles = (0..st.reactors.len())
+                .filter_map(|i| st.reactors.handle(i))
+                .collect();
+            control::methods::convert::register(
+                &mut reg,
+                crate::storage::convert::service::ConvertService::new(handles),
+            );
         }
         reg
     }

@@ -18,6 +18,7 @@
 mod core;
 pub mod map;
 pub mod source;
+pub mod vmdk;
 
 use self::core::{Core, CoreInit, Out};
 use crate::storage::bdev::{
@@ -441,6 +442,13 @@ impl Conversion {
         } else {
             Some(target_state(&params.target, map_exists)?)
         };
+        // A file this run creates or extends from empty reads as zeros where nothing was written.
+        let zero_target = !map_exists
+            && match &file_target {
+                Some(None) => true,
+                Some(Some(m)) => m.is_file() && m.len() == 0,
+                None => false,
+            };
         let (bits, resumed) = if map_exists {
             (map::load(&map_path, &header)?, true)
         } else {
@@ -506,6 +514,7 @@ impl Conversion {
             grain: g,
             src_size: size,
             stats: stats.clone(),
+            zero_target,
         };
         let shared = Arc::new(Shared {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),

@@ -106,56 +106,24 @@ fn make_images(dir: &Path) {
         ],
         dir,
     );
-    sh(
-        "qemu-img",
-        &["convert", "-c", "-O", "qcow2", "over.qcow2", "comp.qcow2"],
-        dir,
-    );
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "over.qcow2",
-            "flat.vmdk",
-        ],
-        dir,
-    );
-    // Plain `-O vmdk` = monolithicSparse (hosted sparse extent), read by our own reader.
-    sh(
-        "qemu-img",
-        &["convert", "-O", "vmdk", "over.qcow2", "sparse.vmdk"],
-        dir,
-    );
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "zeroed_grain=on",
-            "over.qcow2",
-            "zg.vmdk",
-        ],
-        dir,
-    );
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            "over.qcow2",
-            "stream.vmdk",
-        ],
-        dir,
-    );
+    // Copies of over.qcow2: compressed qcow2; vmdk flat, plain `-O vmdk` (= monolithicSparse, a
+    // hosted sparse extent, read by our own reader), sparse with zeroed grains, streamOptimized.
+    for (fmt, opts, name) in [
+        ("qcow2", "-c", "comp.qcow2"),
+        ("vmdk", "subformat=monolithicFlat", "flat.vmdk"),
+        ("vmdk", "", "sparse.vmdk"),
+        ("vmdk", "zeroed_grain=on", "zg.vmdk"),
+        ("vmdk", "subformat=streamOptimized", "stream.vmdk"),
+    ] {
+        let mut a = vec!["convert", "-O", fmt];
+        match opts {
+            "" => {}
+            "-c" => a.push("-c"),
+            o => a.extend(["-o", o]),
+        }
+        a.extend(["over.qcow2", name]);
+        sh("qemu-img", &a, dir);
+    }
     sh(
         "qemu-img",
         &["convert", "-O", "raw", "over.qcow2", "ref.raw"],

@@ -1,11 +1,11 @@
 //! Online virtual-disk format conversion (copy-before-IO).
 //!
 //! A `convert` bdev serves a VM's disk from the **target** (raw: a file, or any bdev) while the
-//! data still sits in the **source** image (raw, qcow2, vmdk via `imago`). A persistent conversion
-//! map ([`map`]) says which grains the target already holds. A VM request touching unconverted
-//! grains first has them copied (source read on a helper thread, [`source`]; target write on the
-//! reactor), then runs on the target; a background converter walks the remaining grains at a
-//! configurable rate. When every grain is converted the source is released, the map deleted, and
+//! data still sits in the **source** image (raw, qcow2, flat vmdk via `imago`; sparse vmdk via
+//! [`vmdk`]). A persistent conversion map ([`map`]) says which grains the target already holds. A
+//! VM request touching unconverted grains first has them copied (source read on helper threads,
+//! [`source`]; target write on the reactor), then runs on the target; a background converter
+//! walks the remaining grains at a configurable rate. When every grain is converted the source is released, the map deleted, and
 //! the bdev passes everything straight to the target.
 //!
 //! Threads: the conversion state ([`core`]) is owned by one reactor — the one [`Conversion::attach`]

@@ -1,5 +1,5 @@
 //! Online conversion (docs/convert.md): images equal their source after a conversion with no VM
-//! IO (qcow2 with a backing file, zero clusters, compressed clusters; flat vmdk; raw), bad input
+//! IO (qcow2 with a backing file, zero clusters, compressed clusters; sparse and flat vmdk; raw), bad input
 //! refused at start, a host-side pattern writer through the convert bdev while it converts, and
 //! kill -9 of a converting `hostplane convert offline` at random points. No EAL: plain-thread
 //! reactors (the RPC path with EAL is tests/convert_rpc.rs).
@@ -106,29 +106,24 @@ fn make_images(dir: &Path) {
         ],
         dir,
     );
-    sh(
-        "qemu-img",
-        &["convert", "-c", "-O", "qcow2", "over.qcow2", "comp.qcow2"],
-        dir,
-    );
-    sh(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "over.qcow2",
-            "flat.vmdk",
-        ],
-        dir,
-    );
-    sh(
-        "qemu-img",
-        &["convert", "-O", "vmdk", "over.qcow2", "sparse.vmdk"],
-        dir,
-    );
+    // Copies of over.qcow2: compressed qcow2; vmdk flat, plain `-O vmdk` (= monolithicSparse, a
+    // hosted sparse extent, read by our own reader), sparse with zeroed grains, streamOptimized.
+    for (fmt, opts, name) in [
+        ("qcow2", "-c", "comp.qcow2"),
+        ("vmdk", "subformat=monolithicFlat", "flat.vmdk"),
+        ("vmdk", "", "sparse.vmdk"),
+        ("vmdk", "zeroed_grain=on", "zg.vmdk"),
+        ("vmdk", "subformat=streamOptimized", "stream.vmdk"),
+    ] {
+        let mut a = vec!["convert", "-O", fmt];
+        match opts {
+            "" => {}
+            "-c" => a.push("-c"),
+            o => a.extend(["-o", o]),
+        }
+        a.extend(["over.qcow2", name]);
+        sh("qemu-img", &a, dir);
+    }
     sh(
         "qemu-img",
         &["convert", "-O", "raw", "over.qcow2", "ref.raw"],
@@ -173,6 +168,9 @@ fn converted_images_equal_their_source_and_bad_input_is_refused() {
         ("over.qcow2", SourceFormat::Qcow2, 65536),
         ("comp.qcow2", SourceFormat::Qcow2, 65536),
         ("flat.vmdk", SourceFormat::Vmdk, 65536),
+        ("sparse.vmdk", SourceFormat::Vmdk, 65536),
+        ("sparse.vmdk", SourceFormat::Vmdk, 4096),
+        ("zg.vmdk", SourceFormat::Vmdk, 65536),
         ("ref.raw", SourceFormat::Raw, 65536),
         ("over.qcow2", SourceFormat::Qcow2, 4096),
         ("over.qcow2", SourceFormat::Qcow2, 1 << 20),
@@ -196,8 +194,13 @@ fn converted_images_equal_their_source_and_bad_input_is_refused() {
 
     // Bad input: clear errors at start, nothing created.
     let err = |p: ConvertParams| Conversion::prepare(p).err().unwrap().to_string();
-    let e = err(params(&dir, "sparse.vmdk", SourceFormat::Vmdk, "x1.raw"));
-    assert!(e.contains("sparse vmdk"), "{e}");
+    // A sparse vmdk cut short (its grains beyond the end of the file).
+    let sparse = std::fs::read(dir.join("sparse.vmdk")).unwrap();
+    std::fs::write(dir.join("trunc.vmdk"), &sparse[..sparse.len() / 2]).unwrap();
+    let e = err(params(&dir, "trunc.vmdk", SourceFormat::Vmdk, "x1.raw"));
+    assert!(e.contains("truncated"), "{e}");
+    let e = err(params(&dir, "stream.vmdk", SourceFormat::Vmdk, "x1.raw"));
+    assert!(e.contains("streamOptimized"), "{e}");
     let e = err(params(&dir, "over.qcow2", SourceFormat::Raw, "x2.raw"));
     assert!(e.contains("is a qcow2 image, not raw"), "{e}");
     let e = err(params(&dir, "ref.raw", SourceFormat::Qcow2, "x3.raw"));

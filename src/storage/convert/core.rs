@@ -36,14 +36,15 @@ pub(super) type Out = Rc<RefCell<VecDeque<(IoRequest, IoStatus)>>>;
 /// Background copies in flight at most (each up to [`BG_RUN_BYTES`]); 1 while VM IO is active.
 const BG_DEPTH: usize = 16;
 /// Bytes per background copy (consecutive grains read and written at once).
-const BG_RUN_BYTES: u64 = 1 << 20;
+const BG_RUN_BYTES: u64 = super::source::POOL_BUF as u64;
 /// Times a VM request re-tries after the copy it waited for failed, before it fails.
 const MAX_RETRIES: u32 = 3;
 
 /// What the target channel's callbacks report (they run inside `target.poll()`, while the core is
 /// borrowed, so they only queue an event).
 enum Event {
-    CopyWritten(u64, IoRequest, IoStatus),
+    /// A copy's target write finished (its buffer comes back for reuse).
+    CopyWritten(u64, Option<crate::storage::bdev::IoBuf>, IoStatus),
     Flushed(IoStatus),
     OpDone(u64, IoRequest, IoStatus),
 }
@@ -108,6 +109,8 @@ pub(super) struct CoreInit {
     pub grain: u64,
     pub src_size: u64,
     pub stats: Arc<ConvertStats>,
+    /// The target was created (or was empty) by this run: unconverted grains read as zeros.
+    pub zero_target: bool,
 }
 
 /// One conversion, on its reactor.
@@ -139,6 +142,10 @@ pub(super) struct Core {
     stats: Arc<ConvertStats>,
     phase: Phase,
     stopping: bool,
+    zero_target: bool,
+    /// Grains a failed or abandoned VM write may have touched: with a zero target, their zero
+    /// copies are still written.
+    maybe_dirty: ahash::AHashSet<u64>,
 }
 
 impl Core {
@@ -176,6 +183,8 @@ impl Core {
             stats: init.stats,
             phase,
             stopping: false,
+            zero_target: init.zero_target,
+            maybe_dirty: ahash::AHashSet::new(),
         }
     }
 
@@ -433,6 +442,7 @@ impl Core {
             .map(|op| std::mem::take(&mut op.claims))
             .unwrap_or_default();
         for g in claims {
+            self.maybe_dirty.insert(g);
             if let Some(s) = self.busy.remove(&g) {
                 self.ready.extend(s.waiters);
             }
@@ -460,12 +470,24 @@ impl Core {
         self.serve_reads_from(g0, g1, &chunk);
         let id = rep.id;
         let ev = self.events.clone();
-        let cb = move |r: IoRequest, st| ev.borrow_mut().push(Event::CopyWritten(id, r, st));
+        self.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
+        if matches!(chunk, Chunk::Zero)
+            && self.zero_target
+            && (g0..g1).all(|g| !self.maybe_dirty.contains(&g))
+        {
+            // A fresh target reads as zeros already: nothing to write.
+            ev.borrow_mut()
+                .push(Event::CopyWritten(id, None, IoStatus::Success));
+            return;
+        }
+        let cb = move |mut r: IoRequest, st| {
+            ev.borrow_mut()
+                .push(Event::CopyWritten(id, r.buf.take(), st))
+        };
         let req = match chunk {
             Chunk::Zero => IoRequest::write_zeroes(offset, len, cb),
             Chunk::Data(buf) => IoRequest::write(offset, buf, cb),
         };
-        self.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
         self.target.submit(req);
     }
 
@@ -510,7 +532,10 @@ impl Core {
 
     fn on_event(&mut self, e: Event) {
         match e {
-            Event::CopyWritten(id, _req, st) => {
+            Event::CopyWritten(id, buf, st) => {
+                if let (Some(buf), Some(src)) = (buf, self.source.as_ref()) {
+                    src.recycle(buf);
+                }
                 let Some(c) = self.copies.get_mut(&id) else {
                     return;
                 };
@@ -685,13 +710,17 @@ impl Core {
         if self.stats.paused.load(Ordering::Relaxed) {
             return;
         }
+        let depth = if self.ops.is_empty() { BG_DEPTH } else { 1 };
+        if self.bg_inflight >= depth {
+            return;
+        }
         let rate = self.stats.rate_bytes.load(Ordering::Relaxed);
+        // The clock is read only when a copy may start (this runs on every reactor poll).
         let now = self.clock.elapsed().as_nanos() as u64;
         if rate != self.bucket_rate {
             self.bucket = CreditBucket::new_empty(rate, BG_RUN_BYTES.max(self.grain) * 2, now);
             self.bucket_rate = rate;
         }
-        let depth = if self.ops.is_empty() { BG_DEPTH } else { 1 };
         let run = (BG_RUN_BYTES / self.grain).max(1);
         let mut wrapped = false;
         while self.bg_inflight < depth {

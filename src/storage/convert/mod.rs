@@ -1,11 +1,11 @@
 //! Online virtual-disk format conversion (copy-before-IO).
 //!
 //! A `convert` bdev serves a VM's disk from the **target** (raw: a file, or any bdev) while the
-//! data still sits in the **source** image (raw, qcow2, vmdk via `imago`). A persistent conversion
-//! map ([`map`]) says which grains the target already holds. A VM request touching unconverted
-//! grains first has them copied (source read on a helper thread, [`source`]; target write on the
-//! reactor), then runs on the target; a background converter walks the remaining grains at a
-//! configurable rate. When every grain is converted the source is released, the map deleted, and
+//! data still sits in the **source** image (raw, qcow2, flat vmdk via `imago`; sparse vmdk via
+//! [`vmdk`]). A persistent conversion map ([`map`]) says which grains the target already holds. A
+//! VM request touching unconverted grains first has them copied (source read on helper threads,
+//! [`source`]; target write on the reactor), then runs on the target; a background converter
+//! walks the remaining grains at a configurable rate. When every grain is converted the source is released, the map deleted, and
 //! the bdev passes everything straight to the target.
 //!
 //! Threads: the conversion state ([`core`]) is owned by one reactor — the one [`Conversion::attach`]
@@ -18,6 +18,7 @@
 mod core;
 pub mod map;
 pub mod source;
+pub mod vmdk;
 
 use self::core::{Core, CoreInit, Out};
 use crate::storage::bdev::{
@@ -441,6 +442,13 @@ impl Conversion {
         } else {
             Some(target_state(&params.target, map_exists)?)
         };
+        // A file this run creates or extends from empty reads as zeros where nothing was written.
+        let zero_target = !map_exists
+            && match &file_target {
+                Some(None) => true,
+                Some(Some(m)) => m.is_file() && m.len() == 0,
+                None => false,
+            };
         let (bits, resumed) = if map_exists {
             (map::load(&map_path, &header)?, true)
         } else {
@@ -506,6 +514,7 @@ impl Conversion {
             grain: g,
             src_size: size,
             stats: stats.clone(),
+            zero_target,
         };
         let shared = Arc::new(Shared {
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),

@@ -1,14 +1,17 @@
-//! The source image, read on a helper thread so a reactor never blocks on it.
+//! The source image, read on helper threads so a reactor never blocks on it.
 //!
-//! qcow2 (backing chains, compressed and zero clusters) and vmdk are read through the `imago`
+//! qcow2 (backing chains, compressed and zero clusters) and flat vmdk are read through the `imago`
 //! crate (built with its native `sync` feature: plain blocking calls, no async runtime); raw goes
-//! through imago's raw driver too, so every format shares one path. The image is opened read-only
-//! and never modified.
+//! through imago's raw driver too. Sparse vmdk (`monolithicSparse`), which imago 0.2.6 cannot
+//! read, goes through our own bounds-checked reader ([`super::vmdk`]). The image is opened
+//! read-only and never modified.
 //!
 //! The reactor sends [`SourceRequest`]s on two queues — VM-triggered copies on the high-priority
-//! one, background copies on the low one — and drains [`SourceReply`]s from its poller: the
-//! completion is a message, the reactor never waits.
+//! one, background copies on the low one — served by [`DEFAULT_READERS`] threads (each takes the
+//! high queue first), and drains [`SourceReply`]s from its poller: the completion is a message,
+//! the reactor never waits.
 
+use super::vmdk::SparseVmdk;
 use super::ConvertError;
 use crate::storage::bdev::IoBuf;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
@@ -20,6 +23,7 @@ use imago::{FormatAccess, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGa
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// A source image format.
@@ -30,7 +34,8 @@ pub enum SourceFormat {
     Raw,
     /// qcow2 (v2/v3), with backing files, compressed and zero clusters.
     Qcow2,
-    /// vmdk (monolithic sparse/flat, as `qemu-img convert -O vmdk` makes).
+    /// vmdk: monolithicSparse (what `qemu-img convert -O vmdk` makes, our own reader) or flat
+    /// extents (imago).
     Vmdk,
 }
 
@@ -120,6 +125,7 @@ pub struct SourceReply {
 
 /// A source image opened on its helper thread.
 pub struct SourceReader {
+    pool: Pool,
     hi: Option<Sender<SourceRequest>>,
     lo: Option<Sender<SourceRequest>>,
     replies: Receiver<SourceReply>,
@@ -127,20 +133,50 @@ pub struct SourceReader {
     size: u64,
 }
 
-type Image = FormatAccess<File>;
+/// One reader's view of the image: an imago driver (each reader thread opens its own, so their
+/// metadata caches never contend), or the sparse vmdk reader (opened once, shared).
+enum Image {
+    Imago(FormatAccess<File>),
+    SparseVmdk(Arc<SparseVmdk>),
+}
 
-fn open_image(path: &Path, format: SourceFormat) -> std::io::Result<Image> {
+fn open_imago(path: &Path, format: SourceFormat) -> std::io::Result<Image> {
     let gate = PermissiveImplicitOpenGate::default();
-    Ok(match format {
+    Ok(Image::Imago(match format {
         SourceFormat::Raw => FormatAccess::new(Raw::<File>::builder_path(path).open(gate)?),
         SourceFormat::Qcow2 => FormatAccess::new(Qcow2::<File>::builder_path(path).open(gate)?),
         SourceFormat::Vmdk => FormatAccess::new(Vmdk::<File>::builder_path(path).open(gate)?),
-    })
+    }))
+}
+
+impl Image {
+    fn size(&self) -> u64 {
+        match self {
+            Image::Imago(i) => i.size(),
+            Image::SparseVmdk(v) => v.size(),
+        }
+    }
+
+    /// Another reader of the same image for another thread.
+    fn reopen(&self, path: &Path, format: SourceFormat) -> std::io::Result<Image> {
+        match self {
+            Image::Imago(_) => open_imago(path, format),
+            Image::SparseVmdk(v) => Ok(Image::SparseVmdk(v.clone())),
+        }
+    }
+
+    fn validate(&self) -> std::io::Result<()> {
+        match self {
+            Image::Imago(i) => validate(i),
+            // Every table was checked against the file at open.
+            Image::SparseVmdk(_) => Ok(()),
+        }
+    }
 }
 
 /// Walks every mapping once: corrupt tables and data beyond the end of a (truncated) file fail
 /// here, at start, instead of in the middle of a conversion.
-fn validate(img: &Image) -> std::io::Result<()> {
+fn validate(img: &FormatAccess<File>) -> std::io::Result<()> {
     let size = img.size();
     let mut off = 0u64;
     while off < size {
@@ -203,7 +239,7 @@ fn check_qcow2_tables(path: &Path) -> std::io::Result<()> {
 }
 
 /// Whether the whole range maps to zeros (no data to read).
-fn maps_to_zero(img: &Image, offset: u64, len: u64) -> std::io::Result<bool> {
+fn maps_to_zero(img: &FormatAccess<File>, offset: u64, len: u64) -> std::io::Result<bool> {
     let mut off = offset;
     let end = offset + len;
     while off < end {
@@ -228,15 +264,33 @@ fn is_zero(b: &[u8]) -> bool {
     pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
 }
 
-fn read_chunk(img: &Image, offset: u64, len: u64) -> std::io::Result<Chunk> {
+fn read_chunk(img: &Image, pool: &Pool, offset: u64, len: u64) -> std::io::Result<Chunk> {
     let size = img.size();
-    if offset >= size || maps_to_zero(img, offset, len.min(size - offset))? {
+    if offset >= size {
         return Ok(Chunk::Zero);
     }
-    let mut buf = IoBuf::new(len as usize);
-    let n = len.min(size - offset) as usize;
-    img.read(&mut buf.as_mut_slice()[..n], offset)?;
+    let n = len.min(size - offset);
+    let zero = match img {
+        Image::Imago(i) => maps_to_zero(i, offset, n)?,
+        Image::SparseVmdk(v) => v.maps_to_zero(offset, n),
+    };
+    if zero {
+        return Ok(Chunk::Zero);
+    }
+    let mut buf = pool.get(len as usize);
+    let (dst, tail) = buf.as_mut_slice().split_at_mut(n as usize);
+    // A recycled buffer holds old data: clear what the image does not cover.
+    tail.fill(0);
+    let read = match img {
+        Image::Imago(i) => i.read(dst, offset),
+        Image::SparseVmdk(v) => v.read_at(dst, offset),
+    };
+    if let Err(e) = read {
+        pool.put(buf);
+        return Err(e);
+    }
     if is_zero(buf.as_slice()) {
+        pool.put(buf);
         return Ok(Chunk::Zero);
     }
     Ok(Chunk::Data(buf))
@@ -246,19 +300,55 @@ fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// Source reader threads per conversion by default: qcow2 lookups, the copy out of the page
+/// cache and the zero scan are CPU work, and one thread left the target idle (docs/convert.md).
+pub const DEFAULT_READERS: usize = 3;
+
+/// Size of the recycled read buffers (a whole background copy, see `core::BG_RUN_BYTES`).
+pub const POOL_BUF: usize = 1 << 20;
+/// Recycled buffers kept at most (idle memory: this many × [`POOL_BUF`]).
+const POOL_MAX: usize = 32;
+
+/// Buffers handed back after their target write, reused by the reader threads: allocating and
+/// freeing a fresh 1 MiB buffer per copy cost more CPU (page faults, zeroing, unmapping) than
+/// the copy itself.
+#[derive(Clone)]
+struct Pool {
+    tx: Sender<IoBuf>,
+    rx: Receiver<IoBuf>,
+}
+
+impl Pool {
+    fn get(&self, len: usize) -> IoBuf {
+        if len == POOL_BUF {
+            if let Ok(b) = self.rx.try_recv() {
+                return b;
+            }
+        }
+        IoBuf::new(len)
+    }
+    fn put(&self, b: IoBuf) {
+        if b.len() == POOL_BUF {
+            let _ = self.tx.try_send(b);
+        }
+    }
+}
+
 impl SourceReader {
-    /// Opens `path` as `format` on a new helper thread, checks it, and returns once it is ready.
-    /// Errors (unreadable, wrong format, corrupt, truncated) name the file.
+    /// Opens `path` as `format` on [`DEFAULT_READERS`] helper threads, checks it, and returns
+    /// once it is ready. Errors (unreadable, wrong format, corrupt, truncated) name the file.
     pub fn open(path: &Path, format: SourceFormat) -> Result<SourceReader, ConvertError> {
+        Self::open_with(path, format, DEFAULT_READERS)
+    }
+
+    /// Like [`SourceReader::open`] with `readers` helper threads (at least 1).
+    pub fn open_with(
+        path: &Path,
+        format: SourceFormat,
+        readers: usize,
+    ) -> Result<SourceReader, ConvertError> {
         let sniffed =
             sniff(path).map_err(|e| ConvertError::Source(format!("{}: {e}", path.display())))?;
-        if format == SourceFormat::Vmdk && sniff_sparse_vmdk(path) {
-            return Err(ConvertError::Source(format!(
-                "{}: sparse vmdk extents (monolithicSparse, streamOptimized) are not supported by \
-                 imago 0.2.6; only flat extents (qemu-img -o subformat=monolithicFlat)",
-                path.display()
-            )));
-        }
         match (format, sniffed) {
             (f, Some(s)) if f != s => {
                 return Err(ConvertError::Source(format!(
@@ -278,7 +368,16 @@ impl SourceReader {
         let (lo_tx, lo_rx) = crossbeam_channel::unbounded::<SourceRequest>();
         let (rep_tx, rep_rx) = crossbeam_channel::unbounded::<SourceReply>();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<u64, String>>(1);
+        let (pool_tx, pool_rx) = crossbeam_channel::bounded::<IoBuf>(POOL_MAX);
+        let pool = Pool {
+            tx: pool_tx,
+            rx: pool_rx,
+        };
+        let pool0 = pool.clone();
         let p: PathBuf = path.to_path_buf();
+        let readers = readers.max(1);
+        // Reader 0 opens and checks the image, then starts the others (each with its own imago
+        // driver; a sparse vmdk is shared) before it reports ready.
         let thread = std::thread::Builder::new()
             .name("convert-src".into())
             .spawn(move || {
@@ -287,8 +386,14 @@ impl SourceReader {
                     _ => Ok(()),
                 };
                 let img = match checked
-                    .and_then(|_| open_image(&p, format))
-                    .and_then(|i| validate(&i).map(|_| i))
+                    .and_then(|_| {
+                        if format == SourceFormat::Vmdk && sniff_sparse_vmdk(&p) {
+                            SparseVmdk::open(&p).map(|v| Image::SparseVmdk(Arc::new(v)))
+                        } else {
+                            open_imago(&p, format)
+                        }
+                    })
+                    .and_then(|i| i.validate().map(|_| i))
                 {
                     Ok(i) => i,
                     Err(e) => {
@@ -296,8 +401,26 @@ impl SourceReader {
                         return;
                     }
                 };
+                let mut others = Vec::new();
+                for k in 1..readers {
+                    let Ok(more) = img.reopen(&p, format) else {
+                        break;
+                    };
+                    let (hi, lo, out) = (hi_rx.clone(), lo_rx.clone(), rep_tx.clone());
+                    let pool = pool0.clone();
+                    let t = std::thread::Builder::new()
+                        .name(format!("convert-src{k}"))
+                        .spawn(move || serve(&more, &pool, &hi, &lo, &out));
+                    match t {
+                        Ok(t) => others.push(t),
+                        Err(_) => break,
+                    }
+                }
                 let _ = ready_tx.send(Ok(img.size()));
-                serve(&img, &hi_rx, &lo_rx, &rep_tx);
+                serve(&img, &pool0, &hi_rx, &lo_rx, &rep_tx);
+                for t in others {
+                    let _ = t.join();
+                }
             })
             .map_err(|e| ConvertError::Source(format!("helper thread: {e}")))?;
         let size = match ready_rx.recv() {
@@ -315,6 +438,7 @@ impl SourceReader {
             }
         };
         Ok(SourceReader {
+            pool,
             hi: Some(hi_tx),
             lo: Some(lo_tx),
             replies: rep_rx,
@@ -335,6 +459,11 @@ impl SourceReader {
         q.as_ref().is_some_and(|q| q.send(req).is_ok())
     }
 
+    /// Hands a buffer back for reuse once the target is done with it.
+    pub fn recycle(&self, buf: IoBuf) {
+        self.pool.put(buf);
+    }
+
     /// A finished read, if any (never blocks).
     pub fn try_reply(&self) -> Option<SourceReply> {
         self.replies.try_recv().ok()
@@ -343,7 +472,7 @@ impl SourceReader {
 
 impl Drop for SourceReader {
     fn drop(&mut self) {
-        // Closing both queues ends the helper thread after its current read.
+        // Closing both queues ends the helper threads after their current reads.
         self.hi.take();
         self.lo.take();
         if let Some(t) = self.thread.take() {
@@ -354,6 +483,7 @@ impl Drop for SourceReader {
 
 fn serve(
     img: &Image,
+    pool: &Pool,
     hi: &Receiver<SourceRequest>,
     lo: &Receiver<SourceRequest>,
     out: &Sender<SourceReply>,
@@ -373,7 +503,7 @@ fn serve(
                 }
             },
         };
-        let result = read_chunk(img, req.offset, req.len).map_err(|e| {
+        let result = read_chunk(img, pool, req.offset, req.len).map_err(|e| {
             log::warn!("convert: source read {}+{}: {e}", req.offset, req.len);
             errno(&e)
         });

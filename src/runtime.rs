@@ -15,7 +15,7 @@ use crate::net::stats::{CountersSnapshot, LcoreCounters};
 use crate::storage::reactor::ReactorOptions;
 use crate::storage::routing::{StorageRuntime, VmSection};
 use crate::storage::vhost::service::ReactorSlot;
-use crate::storage::vhost::{CreateBlkController, VhostControl};
+use crate::storage::vhost::VhostControl;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -389,27 +389,7 @@ impl Dataplane {
                 .or_else(|| rbd.get(name).map(|b| (b, u32::MAX)))
         });
         let vhost = Arc::new(VhostControl::new(dir, slots, lookup));
-        for vm in vms {
-            for d in &vm.disks {
-                let Some(ctrlr) = &d.vhost else { continue };
-                let p = CreateBlkController {
-                    ctrlr: ctrlr.clone(),
-                    dev_name: format!("{}/{}", vm.name, d.name),
-                    readonly: d.read_only,
-                    cpumask: None,
-                    packed_ring: false,
-                    transport: None,
-                    num_queues: None,
-                };
-                if let Err(e) = vhost.create(p) {
-                    log::error!(
-                        "vm {} disk {}: vhost controller {ctrlr}: FAILED: {e} (other controllers continue)",
-                        vm.name,
-                        d.name
-                    );
-                }
-            }
-        }
+        crate::handover::create_config_controllers(&vhost, vms);
         self.vhost = Some(vhost);
     }
 

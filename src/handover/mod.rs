@@ -269,8 +269,9 @@ pub fn default_socket(rpc: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// After a takeover: the config file's controllers that were not handed over (creating one that
-/// exists with the same params is a no-op).
+/// The config file's controllers (`vhost = "name"` on a disk), at start and after a takeover (for
+/// those that were not handed over: creating one that exists with the same params is a no-op).
+/// A controller that cannot be created is logged and the others carry on.
 pub fn create_config_controllers(vhost: &VhostControl, vms: &[crate::storage::routing::VmSection]) {
     for vm in vms {
         for d in &vm.disks {
@@ -286,7 +287,7 @@ pub fn create_config_controllers(vhost: &VhostControl, vms: &[crate::storage::ro
             };
             if let Err(e) = vhost.create(p) {
                 log::error!(
-                    "vm {} disk {}: vhost controller {ctrlr}: {e}",
+                    "vm {} disk {}: vhost controller {ctrlr}: FAILED: {e} (other controllers continue)",
                     vm.name,
                     d.name
                 );

@@ -283,59 +283,128 @@ impl Drop for SharedMapping {
 
 /// Volatile accessors for little-endian (x86: native) guest-memory fields. Callers pass pointers
 /// obtained from a translation covering the accessed bytes.
+///
+/// The driver updates ring indices with single naturally-aligned stores while we poll them, so
+/// an aligned field is read and written with one load or store of its full width (atomic on
+/// x86). A volatile copy of a byte array is *not* that: LLVM splits it into byte loads, and a
+/// poll that read the low byte of avail idx 0x37FE and the high byte of 0x3801 saw 0x38FE, "a
+/// queue ahead", and reset the device. Misaligned fields (the spec forbids them for rings) fall
+/// back to an unaligned copy.
 pub mod access {
-    /// Reads a u16.
-    ///
-    /// # Safety
-    /// `p..p+2` must be inside a live mapping.
-    #[inline]
-    pub unsafe fn r16(p: *const u8) -> u16 {
-        // SAFETY: caller guarantees the range is mapped; unaligned-safe read.
-        u16::from_le_bytes(unsafe { std::ptr::read_volatile(p.cast::<[u8; 2]>()) })
+    macro_rules! accessors {
+        ($($r:ident, $w:ident, $t:ty, $n:literal;)*) => {$(
+            #[doc = concat!("Reads a little-endian ", stringify!($t), ".")]
+            ///
+            /// # Safety
+            #[doc = concat!("`p..p+", $n, "` must be inside a live mapping.")]
+            #[inline]
+            pub unsafe fn $r(p: *const u8) -> $t {
+                let p = p.cast::<$t>();
+                if p.is_aligned() {
+                    // SAFETY: caller guarantees the range is mapped; p is aligned for the type,
+                    // so this is one full-width load.
+                    <$t>::from_le(unsafe { std::ptr::read_volatile(p) })
+                } else {
+                    // SAFETY: caller guarantees the range is mapped; unaligned-safe copy.
+                    <$t>::from_le(unsafe { std::ptr::read_unaligned(p) })
+                }
+            }
+
+            #[doc = concat!("Writes a little-endian ", stringify!($t), ".")]
+            ///
+            /// # Safety
+            #[doc = concat!("`p..p+", $n, "` must be inside a live mapping.")]
+            #[inline]
+            pub unsafe fn $w(p: *mut u8, v: $t) {
+                let p = p.cast::<$t>();
+                if p.is_aligned() {
+                    // SAFETY: caller guarantees the range is mapped; aligned full-width store.
+                    unsafe { std::ptr::write_volatile(p, v.to_le()) }
+                } else {
+                    // SAFETY: caller guarantees the range is mapped; unaligned-safe copy.
+                    unsafe { std::ptr::write_unaligned(p, v.to_le()) }
+                }
+            }
+        )*};
     }
-    /// Reads a u32.
-    ///
-    /// # Safety
-    /// `p..p+4` must be inside a live mapping.
-    #[inline]
-    pub unsafe fn r32(p: *const u8) -> u32 {
-        // SAFETY: caller guarantees the range is mapped.
-        u32::from_le_bytes(unsafe { std::ptr::read_volatile(p.cast::<[u8; 4]>()) })
+    accessors! {
+        r16, w16, u16, 2;
+        r32, w32, u32, 4;
+        r64, w64, u64, 8;
     }
-    /// Reads a u64.
-    ///
-    /// # Safety
-    /// `p..p+8` must be inside a live mapping.
-    #[inline]
-    pub unsafe fn r64(p: *const u8) -> u64 {
-        // SAFETY: caller guarantees the range is mapped.
-        u64::from_le_bytes(unsafe { std::ptr::read_volatile(p.cast::<[u8; 8]>()) })
-    }
-    /// Writes a u16.
-    ///
-    /// # Safety
-    /// `p..p+2` must be inside a live mapping.
-    #[inline]
-    pub unsafe fn w16(p: *mut u8, v: u16) {
-        // SAFETY: caller guarantees the range is mapped.
-        unsafe { std::ptr::write_volatile(p.cast::<[u8; 2]>(), v.to_le_bytes()) }
-    }
-    /// Writes a u32.
-    ///
-    /// # Safety
-    /// `p..p+4` must be inside a live mapping.
-    #[inline]
-    pub unsafe fn w32(p: *mut u8, v: u32) {
-        // SAFETY: caller guarantees the range is mapped.
-        unsafe { std::ptr::write_volatile(p.cast::<[u8; 4]>(), v.to_le_bytes()) }
-    }
-    /// Writes a u64.
-    ///
-    /// # Safety
-    /// `p..p+8` must be inside a live mapping.
-    #[inline]
-    pub unsafe fn w64(p: *mut u8, v: u64) {
-        // SAFETY: caller guarantees the range is mapped.
-        unsafe { std::ptr::write_volatile(p.cast::<[u8; 8]>(), v.to_le_bytes()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::access;
+    use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    /// The driver stores ring indices with single 16-bit stores while we poll them: a load split
+    /// into bytes can see the low byte of one index and the high byte of the next (0x37FE/0x3801
+    /// read as 0x38FE, "a queue ahead"). Our loads and stores of ring fields must be whole.
+    #[test]
+    fn ring_field_accesses_never_tear() {
+        let word = Arc::new(AtomicU32::new(u32::from(0x00FFu16)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, b) = (0x00FFu16, 0x0100u16);
+        let started = Arc::new(AtomicBool::new(false));
+        let window = std::time::Duration::from_millis(1500);
+        let writer = {
+            let (word, stop, started) = (word.clone(), stop.clone(), started.clone());
+            std::thread::spawn(move || {
+                // SAFETY: the u32 is 4-aligned, so its first two bytes are a valid AtomicU16.
+                let idx = unsafe { &*(word.as_ptr().cast::<AtomicU16>()) };
+                started.store(true, Ordering::Release);
+                while !stop.load(Ordering::Relaxed) {
+                    idx.store(a, Ordering::Release);
+                    idx.store(b, Ordering::Release);
+                }
+            })
+        };
+        let p = word.as_ptr().cast::<u8>();
+        let mut torn = 0u64;
+        while !started.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < window {
+            // SAFETY: p points at the live u32 (4 bytes).
+            let v = unsafe { access::r16(p) };
+            if v != a && v != b {
+                torn += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert_eq!(torn, 0, "r16 returned {torn} torn values");
+
+        // Our stores, seen by a whole-word reader.
+        let stop2 = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (word, stop2) = (word.clone(), stop2.clone());
+            std::thread::spawn(move || {
+                // SAFETY: as above.
+                let idx = unsafe { &*(word.as_ptr().cast::<AtomicU16>()) };
+                let mut bad = 0u64;
+                while !stop2.load(Ordering::Relaxed) {
+                    let v = idx.load(Ordering::Acquire);
+                    if v != a && v != b {
+                        bad += 1;
+                    }
+                }
+                bad
+            })
+        };
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < window {
+            // SAFETY: p points at the live u32.
+            unsafe {
+                access::w16(p, a);
+                access::w16(p, b);
+            }
+        }
+        stop2.store(true, Ordering::Relaxed);
+        assert_eq!(reader.join().unwrap(), 0, "w16 stores were seen torn");
     }
 }

@@ -112,14 +112,13 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duratio
 }
 
 #[test]
-#[ignore = "after merging QoS and the service queues into main, the guest's fio stops completing after the handovers (passes on the handover branch alone); under investigation"]
 fn qemu_guest_fio_verify_across_handovers_and_crashes() {
     let images = match guest::images() {
         Ok(i) => i,
         Err(e) => return println!("skipped: {e}"),
     };
-    let upgrades = env_n("HP_UPGRADES", 10);
-    let kills = env_n("HP_KILLS", 5);
+    let upgrades = env_n("HP_UPGRADES", 20);
+    let kills = env_n("HP_KILLS", 20);
     let dir = std::env::temp_dir().join(format!("hp-upgrade-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

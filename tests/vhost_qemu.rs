@@ -586,7 +586,6 @@ fn qemu_guest_on_hostplane_run_bdevs() {
 /// reconnects, requests that were in flight are resubmitted from the inflight region, and the
 /// guest sees no error.
 #[test]
-#[ignore = "on merged main the restarted process later sees the guest's avail index more than a queue ahead of its own (device reset, guest IO stops); passed on the vhostint branch; under investigation with hot_upgrade"]
 fn qemu_guest_survives_hostplane_kill_and_restart() {
     let Some(images) = images() else { return };
     let dir = scratch("kill");

@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::nbd::QemuNbd;
 use hostplane::control::methods::upgrade;
 use hostplane::control::registry::Registry;
 use hostplane::storage::client::{compare, BdevClient, Op, Rng};
@@ -26,82 +27,6 @@ use std::time::{Duration, Instant};
 
 const SIZE: u64 = 32 << 20;
 const BS: u64 = 4096;
-
-/// A qemu-nbd serving `image` on a Unix socket, with image locking off so that an old and a new
-/// server may have the image open at once (a blue/green switch).
-struct QemuNbd {
-    child: Child,
-    sock: PathBuf,
-    /// Spawn → accepting connections.
-    startup: Duration,
-}
-
-impl QemuNbd {
-    fn start(image: &Path, sock: &Path) -> QemuNbd {
-        let _ = std::fs::remove_file(sock);
-        let t0 = Instant::now();
-        let child = Command::new("qemu-nbd")
-            .args([
-                "--persistent",
-                "--shared=8",
-                "-x",
-                "disk0",
-                "--discard=unmap",
-                "--cache=none",
-                "--aio=threads",
-                "-k",
-            ])
-            .arg(sock)
-            .arg("--image-opts")
-            .arg(format!(
-                "driver=raw,file.driver=file,file.filename={},file.locking=off",
-                image.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start qemu-nbd");
-        let deadline = t0 + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(sock).is_err() {
-            assert!(Instant::now() < deadline, "qemu-nbd did not start");
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        QemuNbd {
-            child,
-            sock: sock.to_path_buf(),
-            startup: t0.elapsed(),
-        }
-    }
-
-    fn address(&self) -> String {
-        format!("unix:{}", self.sock.display())
-    }
-
-    /// Stops the server (SIGTERM, wait). Returns how long that took.
-    fn stop(mut self) -> Duration {
-        let t0 = Instant::now();
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let d = t0.elapsed();
-        let _ = std::fs::remove_file(&self.sock);
-        d
-    }
-
-    /// Kills it at once (the service dies with requests in flight).
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One IO as the source saw it.
 #[derive(Clone, Copy)]

@@ -4,6 +4,8 @@
 //! `#[test]` (cargo runs every test file as its own process).
 #![allow(dead_code)]
 
+pub mod nbd;
+
 /// EAL arguments for a test: no hugepages, no PCI scan, no shared config, a unique file prefix.
 ///
 /// DPDK 22.11 refuses `--in-memory` together with `--no-huge` ("--legacy-mem is not compatible
@@ -44,4 +46,37 @@ pub fn temp_dir(name: &str) -> std::path::PathBuf {
 pub fn shared_pcaps() -> Option<std::path::PathBuf> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/pcaps");
     p.is_dir().then_some(p)
+}
+
+/// One JSON-RPC 2.0 call on a `hostplane run` control socket: `Ok(result)` or `Err(error)`
+/// (the error object, or a description of a transport failure).
+pub fn rpc_call(
+    sock: &std::path::Path,
+    method: &str,
+    params: serde_json::Value,
+) -> Result<serde_json::Value, serde_json::Value> {
+    use std::io::{Read, Write};
+    let transport = |e: std::io::Error| serde_json::json!({ "transport": e.to_string() });
+    let mut s = std::os::unix::net::UnixStream::connect(sock).map_err(transport)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .map_err(transport)?;
+    let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    s.write_all(&serde_json::to_vec(&req).expect("serialisable"))
+        .map_err(transport)?;
+    let mut js = hostplane::control::stream::JsonStream::new(64 << 20);
+    let mut buf = [0u8; 65536];
+    loop {
+        let k = s.read(&mut buf).map_err(transport)?;
+        if k == 0 {
+            return Err(serde_json::json!({ "transport": "server closed the connection" }));
+        }
+        js.feed(&buf[..k]);
+        if let Some(v) = js.next_value() {
+            let mut v = v.map_err(|e| serde_json::json!({ "transport": e.to_string() }))?;
+            return match v.get_mut("error") {
+                Some(e) => Err(e.take()),
+                None => Ok(v["result"].take()),
+            };
+        }
+    }
 }

@@ -20,7 +20,7 @@ use hostplane::storage::upgrade::ServiceBackend;
 use hostplane::storage::{BackendRegistry, Bdev, IoStatus};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

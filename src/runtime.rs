@@ -61,13 +61,22 @@ pub struct Dataplane {
 }
 
 /// What the network side started.
-type NetSide = (Vec<PortInfo>, MacNatTable, Vec<(u32, Arc<LcoreCounters>)>, Vec<LcoreHandle>);
+type NetSide = (
+    Vec<PortInfo>,
+    MacNatTable,
+    Vec<(u32, Arc<LcoreCounters>)>,
+    Vec<LcoreHandle>,
+);
 
 /// Free hugepages of the default size (0 when none are reserved).
 pub fn hugepages_free() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("HugePages_Free:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("HugePages_Free:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -76,8 +85,13 @@ pub fn eal_args(cfg: &Config, plan: &LcorePlan, cli: &EalArgs) -> Vec<String> {
     let mut a = Vec::new();
     match (&cli.lcores, &cli.lcore_list, &cfg.eal.lcore_map) {
         (Some(map), None, _) => a.extend(["--lcores".to_string(), map.clone()]),
-        (None, None, Some(map)) if cfg.eal.lcores.is_none() => a.extend(["--lcores".to_string(), map.clone()]),
-        _ => a.extend(["-l".to_string(), crate::lcores::format_lcore_list(&plan.eal)]),
+        (None, None, Some(map)) if cfg.eal.lcores.is_none() => {
+            a.extend(["--lcores".to_string(), map.clone()])
+        }
+        _ => a.extend([
+            "-l".to_string(),
+            crate::lcores::format_lcore_list(&plan.eal),
+        ]),
     }
     a.extend(["--main-lcore".to_string(), plan.main.to_string()]);
     for p in &cfg.ports {
@@ -101,13 +115,21 @@ impl Dataplane {
     /// Starts EAL, ports and net lcores from a validated config.
     pub fn start(cfg: &Config, cli: &EalArgs) -> Result<Dataplane, Error> {
         cfg.validate_static()?;
-        let plan = cfg.lcore_plan(cli.lcore_list.as_deref(), cli.lcores.as_deref(), cli.main_lcore)?;
+        let plan = cfg.lcore_plan(
+            cli.lcore_list.as_deref(),
+            cli.lcores.as_deref(),
+            cli.main_lcore,
+        )?;
         let args = eal_args(cfg, &plan, cli);
         log::info!("EAL arguments: {}", args.join(" "));
         let eal = Eal::init(&args)?;
         for (name, set) in [("net.lcores", &plan.net), ("storage.lcores", &plan.storage)] {
             if let Some(l) = set.iter().find(|l| !eal.lcore_enabled(**l)) {
-                return Err(ConfigError::Field { field: name.into(), msg: format!("lcore {l} is not enabled in EAL") }.into());
+                return Err(ConfigError::Field {
+                    field: name.into(),
+                    msg: format!("lcore {l} is not enabled in EAL"),
+                }
+                .into());
             }
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -168,32 +190,78 @@ fn start_net(cfg: &Config, plan: &LcorePlan, stop: &Arc<AtomicBool>) -> Result<N
             return Err("no ports: give [[port]] entries in the config, or vdevs after `--` (e.g. -- --vdev net_null0 --vdev net_null1)".into());
         }
         for (i, p) in all.iter().enumerate() {
-            let role = if i == 0 { PortRole::Uplink } else { PortRole::Vm };
-            ports.push(PortInfo { id: p.id(), name: p.name(), device: p.name(), role, rx_queues: 0 });
+            let role = if i == 0 {
+                PortRole::Uplink
+            } else {
+                PortRole::Vm
+            };
+            ports.push(PortInfo {
+                id: p.id(),
+                name: p.name(),
+                device: p.name(),
+                role,
+                rx_queues: 0,
+            });
         }
     } else {
         let avail: Vec<String> = EthPort::all().iter().map(|p| p.name()).collect();
         for (i, pc) in cfg.ports.iter().enumerate() {
             let p = EthPort::by_name(&pc.device).map_err(|_| ConfigError::Field {
                 field: format!("port[{i}].device"),
-                msg: format!("no ethdev named {:?} (available: {})", pc.device, if avail.is_empty() { "none".into() } else { avail.join(", ") }),
+                msg: format!(
+                    "no ethdev named {:?} (available: {})",
+                    pc.device,
+                    if avail.is_empty() {
+                        "none".into()
+                    } else {
+                        avail.join(", ")
+                    }
+                ),
             })?;
-            ports.push(PortInfo { id: p.id(), name: pc.name.clone(), device: pc.device.clone(), role: pc.role, rx_queues: 0 });
+            ports.push(PortInfo {
+                id: p.id(),
+                name: pc.name.clone(),
+                device: pc.device.clone(),
+                role: pc.role,
+                rx_queues: 0,
+            });
         }
     }
-    let uplink = ports.iter().find(|p| p.role == PortRole::Uplink).map(|p| p.id).ok_or("no uplink port")?;
+    let uplink = ports
+        .iter()
+        .find(|p| p.role == PortRole::Uplink)
+        .map(|p| p.id)
+        .ok_or("no uplink port")?;
     let max_id = ports.iter().map(|p| p.id as usize).max().unwrap_or(0);
     if max_id >= crate::net::stats::MAX_PORTS {
-        return Err(format!("port id {max_id} is beyond the {} ports hostplane supports", crate::net::stats::MAX_PORTS).into());
+        return Err(format!(
+            "port id {max_id} is beyond the {} ports hostplane supports",
+            crate::net::stats::MAX_PORTS
+        )
+        .into());
     }
     // Name, device name or id (saved configs use names; hand-written ones may not).
-    let find_port = |name: &str| ports.iter().find(|p| (p.name == name || p.device == name || p.id.to_string() == name) && p.role == PortRole::Vm).map(|p| p.id);
+    let find_port = |name: &str| {
+        ports
+            .iter()
+            .find(|p| {
+                (p.name == name || p.device == name || p.id.to_string() == name)
+                    && p.role == PortRole::Vm
+            })
+            .map(|p| p.id)
+    };
     let flood_port = match &cfg.net.flood_port {
         Some(n) => find_port(n),
         None => ports.iter().find(|p| p.role == PortRole::Vm).map(|p| p.id),
     };
     let entries = cfg.macnat_entries(find_port)?;
-    let policy = Policy { uplink, flood_port, unknown_ip: cfg.net.unknown_ip, spoofed: cfg.net.spoofed, control: cfg.net.control };
+    let policy = Policy {
+        uplink,
+        flood_port,
+        unknown_ip: cfg.net.unknown_ip,
+        spoofed: cfg.net.spoofed,
+        control: cfg.net.control,
+    };
 
     // Queues: one rx queue per net lcore (as many as the driver allows) and one tx queue per
     // net lcore on every port, so no two lcores ever share a queue.
@@ -201,7 +269,9 @@ fn start_net(cfg: &Config, plan: &LcorePlan, stop: &Arc<AtomicBool>) -> Result<N
     let nb_mbufs = (ports.len() as u32) * u32::from(n) * 2 * 1024 + 8192;
     let pool = Mempool::pktmbuf("hp_mbufs", nb_mbufs, 256, 2048 + 128, -1)?;
     let mut rx_by_lcore: Vec<Vec<(RxQueue, PortRole)>> = (0..n).map(|_| Vec::new()).collect();
-    let mut tx_by_lcore: Vec<Vec<Option<TxQueue>>> = (0..n).map(|_| (0..=max_id).map(|_| None).collect()).collect();
+    let mut tx_by_lcore: Vec<Vec<Option<TxQueue>>> = (0..n)
+        .map(|_| (0..=max_id).map(|_| None).collect())
+        .collect();
     for p in ports.iter_mut() {
         let dev = EthPort::from_id(p.id)?;
         let (max_rx, max_tx) = dev.max_queues()?;
@@ -209,7 +279,13 @@ fn start_net(cfg: &Config, plan: &LcorePlan, stop: &Arc<AtomicBool>) -> Result<N
             return Err(format!("port {} ({}) supports {max_tx} tx queues; hostplane needs one per net lcore ({n}): use fewer net lcores", p.name, p.device).into());
         }
         let rxq = n.min(max_rx).max(1);
-        let pc = PortConfig { rx_queues: rxq, tx_queues: n, rx_desc: 1024, tx_desc: 1024, promiscuous: true };
+        let pc = PortConfig {
+            rx_queues: rxq,
+            tx_queues: n,
+            rx_desc: 1024,
+            tx_desc: 1024,
+            promiscuous: true,
+        };
         let (rx, tx) = dev.configure(&pc, pool)?;
         for (i, q) in rx.into_iter().enumerate() {
             rx_by_lcore[i].push((q, p.role));
@@ -230,7 +306,11 @@ fn start_net(cfg: &Config, plan: &LcorePlan, stop: &Arc<AtomicBool>) -> Result<N
             p.role,
             rxq,
             crate::net::packet::MacAddr(mac),
-            if link.up { format!("up {} Mbps", link.speed_mbps) } else { "down".into() }
+            if link.up {
+                format!("up {} Mbps", link.speed_mbps)
+            } else {
+                "down".into()
+            }
         );
     }
 
@@ -239,8 +319,16 @@ fn start_net(cfg: &Config, plan: &LcorePlan, stop: &Arc<AtomicBool>) -> Result<N
     let mut handles = Vec::new();
     for (i, (rx, tx)) in rx_by_lcore.into_iter().zip(tx_by_lcore).enumerate() {
         let counters = Arc::new(LcoreCounters::default());
-        let reader = table.reader(i).ok_or("table has fewer reader slots than net lcores")?;
-        let worker = NetLcore { rx, tx, policy, table: reader, counters: counters.clone() };
+        let reader = table
+            .reader(i)
+            .ok_or("table has fewer reader slots than net lcores")?;
+        let worker = NetLcore {
+            rx,
+            tx,
+            policy,
+            table: reader,
+            counters: counters.clone(),
+        };
         let worker_stop = stop.clone();
         let lcore_id = plan.net[i];
         match lcore::launch(lcore_id, move || worker.run(&worker_stop)) {
@@ -340,7 +428,12 @@ impl Dataplane {
         let disks: Vec<_> = self
             .storage
             .iter()
-            .flat_map(|st| st.routing.disks.iter().filter_map(|d| d.bdev.as_ref().ok().cloned()))
+            .flat_map(|st| {
+                st.routing
+                    .disks
+                    .iter()
+                    .filter_map(|d| d.bdev.as_ref().ok().cloned())
+            })
             .collect();
         let rbd = self.rbd.clone();
         control::methods::upgrade::register(
@@ -403,7 +496,19 @@ impl Dataplane {
         if self.lcores.is_empty() {
             return s;
         }
-        let _ = writeln!(s, "  {:<8} {:>12} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>6}", "lcore", "rx", "tx", "rx-Mpps", "egress-nat", "ingress-nat", "untouched", "dropped", "busy%");
+        let _ = writeln!(
+            s,
+            "  {:<8} {:>12} {:>12} {:>10} {:>12} {:>12} {:>10} {:>10} {:>6}",
+            "lcore",
+            "rx",
+            "tx",
+            "rx-Mpps",
+            "egress-nat",
+            "ingress-nat",
+            "untouched",
+            "dropped",
+            "busy%"
+        );
         prev.resize(self.lcores.len(), CountersSnapshot::default());
         let mut totals = CountersSnapshot::default();
         for ((id, c), p) in self.lcores.iter().zip(prev.iter_mut()) {
@@ -416,7 +521,11 @@ impl Dataplane {
                 id,
                 now.rx,
                 now.tx,
-                if dt > 0.0 { now.rx.saturating_sub(p.rx) as f64 / dt / 1e6 } else { 0.0 },
+                if dt > 0.0 {
+                    now.rx.saturating_sub(p.rx) as f64 / dt / 1e6
+                } else {
+                    0.0
+                },
                 now.egress_translated,
                 now.ingress_translated,
                 now.untouched,
@@ -427,8 +536,15 @@ impl Dataplane {
             *p = now;
         }
         for port in &self.ports {
-            let (rx, tx) = totals.ports.get(port.id as usize).copied().unwrap_or((0, 0));
-            let hw = EthPort::from_id(port.id).ok().and_then(|d| d.stats().ok()).unwrap_or_default();
+            let (rx, tx) = totals
+                .ports
+                .get(port.id as usize)
+                .copied()
+                .unwrap_or((0, 0));
+            let hw = EthPort::from_id(port.id)
+                .ok()
+                .and_then(|d| d.stats().ok())
+                .unwrap_or_default();
             let _ = writeln!(
                 s,
                 "  port {} {:<10} {:<6} rx {:>12} tx {:>12}  (driver: ipackets {} opackets {} imissed {} ierrors {} oerrors {} rx_nombuf {})",
@@ -449,7 +565,11 @@ impl Dataplane {
             );
         }
         if totals.dropped() > 0 {
-            let mut d: Vec<String> = totals.drops.iter().map(|(n, c)| format!("{n}={c}")).collect();
+            let mut d: Vec<String> = totals
+                .drops
+                .iter()
+                .map(|(n, c)| format!("{n}={c}"))
+                .collect();
             if totals.tx_full > 0 {
                 d.push(format!("tx_full={}", totals.tx_full));
             }
@@ -472,7 +592,14 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     let (mut cfg, _tmp) = match &args.config {
         Some(path) => (Config::load(path)?, None),
         // Ports given as vdevs on the command line: use them (first = uplink), no table.
-        None if args.eal.eal.iter().any(|a| a == "--vdev" || a.starts_with("--vdev=")) => (Config::default(), None),
+        None if args
+            .eal
+            .eal
+            .iter()
+            .any(|a| a == "--vdev" || a.starts_with("--vdev=")) =>
+        {
+            (Config::default(), None)
+        }
         None => {
             let (cfg, dir) = crate::runtime::embedded_default()?;
             log::info!("no --config: running the embedded default (net_pcap ports replaying generated traffic from {})", dir.display());
@@ -485,8 +612,12 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
         None => None,
     };
     if let Some(calls) = saved.as_ref().and_then(|s| s.subsystem("macnat")) {
-        cfg.macnat = control::methods::net::startup_entries(calls.config.as_deref().unwrap_or_default())?;
-        log::info!("--json: {} MAC-NAT entries (replacing the config file's)", cfg.macnat.len());
+        cfg.macnat =
+            control::methods::net::startup_entries(calls.config.as_deref().unwrap_or_default())?;
+        log::info!(
+            "--json: {} MAC-NAT entries (replacing the config file's)",
+            cfg.macnat.len()
+        );
         cfg.validate_static()?;
     }
     // Taking over: the old process's RPC socket is live and comes with the handover.
@@ -497,13 +628,21 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     crate::signals::install();
     let mut dp = Dataplane::start(&cfg, &args.eal)?;
     // Controllers of a takeover come from the old process, not from the config.
-    dp.start_vhost(&args.vhost_dir, if args.takeover.is_some() { &[] } else { &cfg.vms });
+    dp.start_vhost(
+        &args.vhost_dir,
+        if args.takeover.is_some() {
+            &[]
+        } else {
+            &cfg.vms
+        },
+    );
     let registry = Arc::new(dp.registry());
     let listener = match (&args.takeover, listener) {
         (_, Some(l)) => l,
         (Some(h), None) => {
             let vhost = dp.vhost.clone().ok_or("takeover: no vhost control")?;
-            let t = crate::handover::take_over(h, &vhost).map_err(|e| format!("takeover via {}: {e}", h.display()))?;
+            let t = crate::handover::take_over(h, &vhost)
+                .map_err(|e| format!("takeover via {}: {e}", h.display()))?;
             println!(
                 "takeover: {} controllers from the old process, guest IO paused {:.1} ms (drain {:.1} ms)",
                 t.controllers.len(),
@@ -519,14 +658,21 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
         (None, None) => unreachable!("bound above without --takeover"),
     };
     if let Some(saved) = &saved {
-        let n = registry
-            .load(saved, &["macnat"])
-            .map_err(|e| format!("--json {}: {}", args.json.as_deref().unwrap_or(Path::new("")).display(), e.message))?;
+        let n = registry.load(saved, &["macnat"]).map_err(|e| {
+            format!(
+                "--json {}: {}",
+                args.json.as_deref().unwrap_or(Path::new("")).display(),
+                e.message
+            )
+        })?;
         log::info!("--json: replayed {n} calls");
     }
     let server = RpcServer::start(listener, registry.clone(), control::Limits::default())?;
     let handed_over = Arc::new(AtomicBool::new(false));
-    let handover_path = args.handover_socket.clone().unwrap_or_else(|| crate::handover::default_socket(server.path()));
+    let handover_path = args
+        .handover_socket
+        .clone()
+        .unwrap_or_else(|| crate::handover::default_socket(server.path()));
     let _handover = crate::handover::serve(
         &handover_path,
         crate::handover::OldSide {
@@ -540,7 +686,11 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     log::info!("handover socket {}", handover_path.display());
     log::info!("JSON-RPC on {}", server.path().display());
     let started = Instant::now();
-    let interval = if args.stats_interval > 0.0 { Some(Duration::from_secs_f64(args.stats_interval)) } else { None };
+    let interval = if args.stats_interval > 0.0 {
+        Some(Duration::from_secs_f64(args.stats_interval))
+    } else {
+        None
+    };
     let mut next = interval.map(|i| started + i);
     let mut prev = Vec::new();
     let mut last = Instant::now();
@@ -552,17 +702,25 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
             break;
         }
         if handed_over.load(Ordering::SeqCst) {
-            log::info!("handed over to the new process: exiting without closing anything guests see");
+            log::info!(
+                "handed over to the new process: exiting without closing anything guests see"
+            );
             server.keep_socket();
             break;
         }
-        if args.duration.is_some_and(|d| now.duration_since(started).as_secs_f64() >= d) {
+        if args
+            .duration
+            .is_some_and(|d| now.duration_since(started).as_secs_f64() >= d)
+        {
             break;
         }
         if let (Some(n), Some(i)) = (next, interval) {
             if now >= n {
                 let dt = now.duration_since(last).as_secs_f64();
-                print!("{}", dp.report(now.duration_since(started).as_secs_f64(), dt, &mut prev));
+                print!(
+                    "{}",
+                    dp.report(now.duration_since(started).as_secs_f64(), dt, &mut prev)
+                );
                 last = now;
                 next = Some(n + i);
             }
@@ -578,7 +736,12 @@ pub fn run(args: &RunArgs) -> Result<(), Error> {
     print!("{summary}");
     println!(
         "total: rx {} tx {} egress-nat {} ingress-nat {} untouched {} dropped {}",
-        totals.rx, totals.tx, totals.egress_translated, totals.ingress_translated, totals.untouched, totals.dropped()
+        totals.rx,
+        totals.tx,
+        totals.egress_translated,
+        totals.ingress_translated,
+        totals.untouched,
+        totals.dropped()
     );
     Ok(())
 }
@@ -599,7 +762,10 @@ pub fn embedded_default() -> Result<(Config, PathBuf), Error> {
     use crate::net::packet::MacAddr;
     let dir = std::env::temp_dir().join(format!("hostplane-default-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let vm_local = [MacAddr([0x52, 0x54, 0, 0, 0, 2]), MacAddr([0x52, 0x54, 0, 0, 0, 3])];
+    let vm_local = [
+        MacAddr([0x52, 0x54, 0, 0, 0, 2]),
+        MacAddr([0x52, 0x54, 0, 0, 0, 3]),
+    ];
     let global = MacAddr([0x02, 0, 0, 0, 0, 1]);
     let router = MacAddr([0x02, 0, 0, 0, 0, 0xfe]);
     let vm_ip = [[10, 0, 0, 2], [10, 0, 0, 3]];
@@ -608,9 +774,19 @@ pub fn embedded_default() -> Result<(Config, PathBuf), Error> {
     let mut up_frames = Vec::new();
     for i in 0..2 {
         vm_frames.push(frames::ipv4_udp(router, vm_local[i], vm_ip[i], remote, 60));
-        vm_frames.push(frames::arp(MacAddr([0xff; 6]), vm_local[i], 1, vm_local[i], vm_ip[i], MacAddr([0; 6]), remote));
+        vm_frames.push(frames::arp(
+            MacAddr([0xff; 6]),
+            vm_local[i],
+            1,
+            vm_local[i],
+            vm_ip[i],
+            MacAddr([0; 6]),
+            remote,
+        ));
         up_frames.push(frames::ipv4_udp(global, router, remote, vm_ip[i], 60));
-        up_frames.push(frames::arp(global, router, 2, router, remote, global, vm_ip[i]));
+        up_frames.push(frames::arp(
+            global, router, 2, router, remote, global, vm_ip[i],
+        ));
     }
     let vm_pcap = dir.join("vm0-rx.pcap");
     let up_pcap = dir.join("uplink-rx.pcap");

@@ -38,6 +38,17 @@ struct Hp {
 
 impl Hp {
     fn spawn(dir: &Path, config: &Path, rpc: &Path, gen: usize, takeover: bool) -> Hp {
+        Hp::spawn_env(dir, config, rpc, gen, takeover, &[])
+    }
+
+    fn spawn_env(
+        dir: &Path,
+        config: &Path,
+        rpc: &Path,
+        gen: usize,
+        takeover: bool,
+        env: &[(&str, &str)],
+    ) -> Hp {
         let log = dir.join(format!("hostplane-{gen}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hostplane"));
@@ -57,6 +68,7 @@ impl Hp {
             .arg("--file-prefix")
             .arg(format!("hp-up-{}-{gen}", std::process::id()))
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
         Hp {
@@ -193,6 +205,61 @@ vhost = "vm1-root"
     .expect("launch guest");
     g.wait_for_result("a.started", Duration::from_secs(90))
         .expect("fio a start");
+
+    // 0. Rollback: a new binary that fails to start, and one that fails its first health check,
+    // leave the old process serving (the guest's fio verify at the end covers its IO).
+    let bad_config = dir.join("broken.toml");
+    std::fs::write(
+        &bad_config,
+        "[[vm]]\nname = \"vm1\"\nbogus_field = 1\n",
+    )
+    .unwrap();
+    for (what, cfg, env) in [
+        ("fails to start (bad config)", &bad_config, None),
+        (
+            "fails its first health check",
+            &config,
+            Some(("HOSTPLANE_HANDOVER_FAULT", "health-check")),
+        ),
+    ] {
+        gen += 1;
+        let t0 = Instant::now();
+        let mut new = Hp::spawn_env(&dir, cfg, &rpc_sock, gen, true, env.as_slice());
+        let status = loop {
+            if let Some(s) = new.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{what}: new process still running:\n{}",
+                new.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            !status.success(),
+            "{what}: the new process should fail:\n{}",
+            new.log_text()
+        );
+        assert!(
+            hp.child.try_wait().unwrap().is_none(),
+            "{what}: the old process exited:\n{}",
+            hp.log_text()
+        );
+        assert!(
+            rings_started(&rpc_sock),
+            "{what}: old process not serving:\n{}",
+            hp.log_text()
+        );
+        let why = new
+            .log_text()
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default()
+            .to_string();
+        println!("rollback, new binary {what}: exited {status} after {:?}; old process still serving ({why})", t0.elapsed());
+    }
 
     // 1. Handovers.
     let mut pauses = Vec::new();
@@ -438,10 +505,7 @@ vhost = "vm1-root"
             json!({"name": bdev, "address": server.address()}),
         )
         .unwrap_or_else(|e| panic!("bdev_upgrade: {e}\n{}", hp.log_text()));
-        assert!(
-            u["errors"].as_array().is_some_and(|e| e.is_empty()),
-            "{u}"
-        );
+        assert!(u["errors"].as_array().is_some_and(|e| e.is_empty()), "{u}");
         let st = call(&rpc_sock, "bdev_get_service_stats", json!({"name": bdev})).unwrap();
         let paused = st[0]["paused_ms_last"].as_f64().expect("paused_ms_last");
         println!(

@@ -3,9 +3,9 @@
 //! new socket) five times. No IO may fail, the data must verify (through the bdev and byte-exact
 //! in the image file) and the stall each upgrade caused is printed.
 //!
-//! The IO source is a trait ([`IoSource`]): here a host-side writer on the storage reactors
-//! ([`HostWriter`]); the QEMU-guest variant (fio --verify over vhost-user-blk) implements the same
-//! trait once vhost-user-blk lands, and every scenario below runs unchanged with it.
+//! The IO source is a trait ([`IoSource`]): a host-side writer on the storage reactors
+//! ([`HostWriter`]). The QEMU-guest variant (fio --verify over vhost-user-blk on a spawned
+//! `hostplane run`) is `tests/hot_upgrade.rs::qemu_guest_fio_verify_across_nbd_server_upgrades`.
 //!
 //! Run with `--nocapture` to see the stall table.
 

@@ -125,20 +125,34 @@ impl Registry {
             }
             "framework_get_subsystems" => {
                 let _: IgnoredParams = parse_params(params)?;
-                Ok(Value::Array(self.subsystems.iter().map(|s| json!({"subsystem": s.name, "depends_on": s.depends_on})).collect()))
+                Ok(Value::Array(
+                    self.subsystems
+                        .iter()
+                        .map(|s| json!({"subsystem": s.name, "depends_on": s.depends_on}))
+                        .collect(),
+                ))
             }
             "framework_get_config" => {
                 let p: GetConfigParams = parse_params(params)?;
-                let s = self.subsystems.iter().find(|s| s.name == p.name).ok_or_else(|| RpcError::invalid_params(format!("name: no subsystem named {:?}", p.name)))?;
+                let s = self
+                    .subsystems
+                    .iter()
+                    .find(|s| s.name == p.name)
+                    .ok_or_else(|| {
+                        RpcError::invalid_params(format!("name: no subsystem named {:?}", p.name))
+                    })?;
                 serde_json::to_value((s.save)()).map_err(|e| RpcError::internal(e.to_string()))
             }
             "save_config" => {
                 let p: SaveConfigParams = parse_params(params)?;
                 let cfg = self.save();
                 match p.file {
-                    None => serde_json::to_value(&cfg).map_err(|e| RpcError::internal(e.to_string())),
+                    None => {
+                        serde_json::to_value(&cfg).map_err(|e| RpcError::internal(e.to_string()))
+                    }
                     Some(file) => {
-                        cfg.write(Path::new(&file)).map_err(|e| RpcError::invalid_params(format!("file: {e}")))?;
+                        cfg.write(Path::new(&file))
+                            .map_err(|e| RpcError::invalid_params(format!("file: {e}")))?;
                         Ok(json!({"file": file, "calls": cfg.calls()}))
                     }
                 }
@@ -146,9 +160,12 @@ impl Registry {
             "load_config" => {
                 let p: LoadConfigParams = parse_params(params)?;
                 let cfg = match (p.file, p.subsystems) {
-                    (Some(file), None) => JsonConfig::read(Path::new(&file)).map_err(|e| RpcError::invalid_params(format!("file: {e}")))?,
+                    (Some(file), None) => JsonConfig::read(Path::new(&file))
+                        .map_err(|e| RpcError::invalid_params(format!("file: {e}")))?,
                     (None, Some(subsystems)) => JsonConfig { subsystems },
-                    _ => return Err(RpcError::invalid_params("give either file (a path on the server) or subsystems (the config itself)")),
+                    _ => return Err(RpcError::invalid_params(
+                        "give either file (a path on the server) or subsystems (the config itself)",
+                    )),
                 };
                 let n = self.load(&cfg, &[])?;
                 Ok(json!({"calls": n}))

@@ -14,6 +14,7 @@
 //! old → new  state {pid, config (save_config), rpc_socket, controllers: n} [rpc listener]
 //! old → new  n × controller {params, snapshot} [listener, stream, memory, eventfds, inflight]
 //!            new restores each controller paused (maps memory, restarts rings from inflight)
+//!            and health-checks it (its reactor answers, its bdev serves a one-block read)
 //! new → old  ready            (or abort {error}: old resumes, new exits)
 //!            old releases everything (never polls, replies or unlinks again)
 //! old → new  released         new resumes the controllers; old exits
@@ -41,6 +42,12 @@ use std::time::{Duration, Instant};
 
 /// How long the old process waits for its controllers to drain before refusing a handover.
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the new process's health check waits for each controller's bdev to answer a read.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Fault injection for rollback drills: `HOSTPLANE_HANDOVER_FAULT=health-check` in the new
+/// process's environment makes its first health check fail (everything rolls back to the old
+/// process).
+pub const FAULT_ENV: &str = "HOSTPLANE_HANDOVER_FAULT";
 /// Timeout of each step of the exchange.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -357,6 +364,18 @@ pub fn take_over(path: &Path, vhost: &VhostControl) -> Result<Takeover, String> 
                 .create_with(p, Some((*snapshot, FdIn::new(fds))))
                 .map_err(|e| format!("controller {name}: {e}"))?;
             restored.push(name);
+        }
+        // First health check, while the old process still owns the guests: a failure here
+        // rolls back (abort → the old one resumes) instead of leaving guests on a broken process.
+        for name in &restored {
+            vhost
+                .health_check(name, HEALTH_TIMEOUT)
+                .map_err(|e| format!("health check: {e}"))?;
+        }
+        if std::env::var_os(FAULT_ENV).is_some_and(|v| v == "health-check") {
+            return Err(format!(
+                "health check: failed on purpose ({FAULT_ENV}=health-check)"
+            ));
         }
         Ok(())
     })();

@@ -315,7 +315,10 @@ pub fn start_reactors(
     eal_extra: &[String],
     idle_sleep: Option<std::time::Duration>,
 ) -> Result<(ReactorSet, Option<crate::env::Eal>), Error> {
-    let ropts = ReactorOptions { idle_sleep, ..ReactorOptions::default() };
+    let ropts = ReactorOptions {
+        idle_sleep,
+        ..ReactorOptions::default()
+    };
     if threads {
         return Ok((ReactorSet::spawn_threads(n, ropts)?, None));
     }
@@ -559,7 +562,8 @@ pub fn bench(a: &BenchBdevArgs) -> Result<(), Error> {
     let ncpu = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let idle_sleep = (a.idle_sleep_us > 0).then(|| std::time::Duration::from_micros(a.idle_sleep_us));
+    let idle_sleep =
+        (a.idle_sleep_us > 0).then(|| std::time::Duration::from_micros(a.idle_sleep_us));
     let (set, eal) = start_reactors(a.reactors, a.threads, &a.eal, idle_sleep)?;
     let info = bdev.info().clone();
     println!(

@@ -771,7 +771,9 @@ mod tests {
             let svc = new_service();
             let backend = ServiceBackend::new(NO_CREATE, Params::Null, Box::new(FakeBackend(svc)));
             let bdev = Bdev::new("t", Box::new(backend), false);
-            let ch = bdev.open_channel(&mut crate::storage::reactor::Reactor::detached()).unwrap();
+            let ch = bdev
+                .open_channel(&mut crate::storage::reactor::Reactor::detached())
+                .unwrap();
             Harness {
                 bdev,
                 ch,

@@ -80,4 +80,3 @@ impl Drop for QemuNbd {
         let _ = self.child.wait();
     }
 }
-

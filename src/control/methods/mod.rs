@@ -7,5 +7,5 @@ pub mod framework;
 pub mod net;
 pub mod rbd;
 pub mod storage;
-pub mod vhost;
 pub mod upgrade;
+pub mod vhost;

@@ -19,8 +19,8 @@ pub mod blk;
 pub mod controller;
 pub mod memory;
 pub mod msg;
-pub mod snapshot;
 pub mod service;
+pub mod snapshot;
 pub mod virtq;
 
 #[cfg(test)]

@@ -632,6 +632,39 @@ impl VhostControl {
         .ok_or_else(|| VhostError::Internal(format!("controller {name:?} is gone")))
     }
 
+    /// A new process's first health check of controller `name` (before it owns the guests):
+    /// the controller answers on its reactor, and its bdev serves a one-block read through a
+    /// channel of its own on the bdev's reactor within `timeout`. The read is harmless while
+    /// another process still serves the guest.
+    pub fn health_check(&self, name: &str, timeout: Duration) -> Result<(), String> {
+        let (bdev_name, reactor) = {
+            let t = self.table();
+            let e = t
+                .get(name)
+                .ok_or_else(|| format!("no controller named {name:?}"))?;
+            (e.params.dev_name.clone(), e.reactor)
+        };
+        self.on_controller(name, |_| ())
+            .map_err(|e| format!("controller {name}: {e}"))?;
+        let (bdev, _) = (self.lookup)(&bdev_name)
+            .ok_or_else(|| format!("controller {name}: bdev {bdev_name:?} is gone"))?;
+        let client = crate::storage::client::BdevClient::open(
+            &self.handle(reactor).map_err(|e| e.to_string())?,
+            &bdev,
+        )
+        .map_err(|e| format!("bdev {bdev_name}: open a channel: {e}"))?;
+        let len = u64::from(bdev.info().block_size);
+        match client.run(crate::storage::client::Op::Read { offset: 0, len }, timeout) {
+            Ok((crate::storage::bdev::IoStatus::Success, _)) => Ok(()),
+            Ok((st, _)) => Err(format!(
+                "bdev {bdev_name}: a {len}-byte read failed: {st:?}"
+            )),
+            Err(_) => Err(format!(
+                "bdev {bdev_name}: a {len}-byte read did not complete within {timeout:?}"
+            )),
+        }
+    }
+
     /// The create params of every controller (as `save_config` has them).
     pub fn params(&self) -> Vec<CreateBlkController> {
         self.table().values().map(|e| e.params.clone()).collect()

@@ -4,6 +4,8 @@
 //! `#[test]` (cargo runs every test file as its own process).
 #![allow(dead_code)]
 
+pub mod hostplane;
+
 /// EAL arguments for a test: no hugepages, no PCI scan, no shared config, a unique file prefix.
 ///
 /// DPDK 22.11 refuses `--in-memory` together with `--no-huge` ("--legacy-mem is not compatible

@@ -12,6 +12,7 @@ use crate::net::dataplane::{NetLcore, PortRole};
 use crate::net::macnat::MacNatTable;
 use crate::net::nat::Policy;
 use crate::net::stats::{CountersSnapshot, LcoreCounters};
+use crate::storage::convert::service::ConvertService;
 use crate::storage::reactor::ReactorOptions;
 use crate::storage::routing::{StorageRuntime, VmSection};
 use crate::storage::vhost::service::ReactorSlot;
@@ -54,6 +55,9 @@ pub struct Dataplane {
     pub storage: Option<StorageRuntime>,
     /// rbd bdevs created over RPC.
     pub rbd: Arc<control::methods::rbd::RbdBdevs>,
+    /// Online conversions started over RPC (one table: the RPC methods and the vhost lookup
+    /// both see it).
+    pub convert: Option<Arc<ConvertService>>,
     /// vhost-user-blk controllers (after [`Dataplane::start_vhost`]).
     pub vhost: Option<Arc<VhostControl>>,
     // Dropped last: EAL cleanup after lcores are joined and ports stopped.
@@ -166,6 +170,13 @@ impl Dataplane {
             }
             Some(st)
         };
+        let convert = storage.as_ref().map(|st| {
+            ConvertService::new(
+                (0..st.reactors.len())
+                    .filter_map(|i| st.reactors.handle(i))
+                    .collect(),
+            )
+        });
         Ok(Dataplane {
             ports,
             table,
@@ -174,6 +185,7 @@ impl Dataplane {
             handles,
             storage,
             rbd: Arc::default(),
+            convert,
             vhost: None,
             _eal: eal,
         })
@@ -411,14 +423,8 @@ impl Dataplane {
             control::methods::storage::register(&mut reg, st);
         }
         control::methods::rbd::register(&mut reg, self.rbd.clone());
-        if let Some(st) = &self.storage {
-            let handles = (0..st.reactors.len())
-                .filter_map(|i| st.reactors.handle(i))
-                .collect();
-            control::methods::convert::register(
-                &mut reg,
-                crate::storage::convert::service::ConvertService::new(handles),
-            );
+        if let Some(c) = &self.convert {
+            control::methods::convert::register(&mut reg, c.clone());
         }
         // After bdev, so save_config recreates controllers after their bdevs.
         if let Some(v) = &self.vhost {
@@ -473,6 +479,7 @@ impl Dataplane {
             None => (Vec::new(), Vec::new()),
         };
         let rbd = self.rbd.clone();
+        let convert = self.convert.clone();
         let lookup = Arc::new(move |name: &str| {
             disks
                 .iter()
@@ -480,6 +487,8 @@ impl Dataplane {
                 .cloned()
                 // No owner reactor: the controller goes to the first one (or its cpumask).
                 .or_else(|| rbd.get(name).map(|b| (b, u32::MAX)))
+                // A convert bdev's channels must be opened on the reactor that owns it.
+                .or_else(|| convert.as_ref().and_then(|c| c.bdev(name)))
         });
         let vhost = Arc::new(VhostControl::new(dir, slots, lookup));
         crate::handover::create_config_controllers(&vhost, vms);

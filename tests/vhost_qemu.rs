@@ -25,11 +25,12 @@ mod common;
 #[path = "guest/mod.rs"]
 mod guest;
 
+use common::hostplane::Hostplane;
 use guest::{job, Guest, GuestConfig};
 use hostplane::storage::vhost::{MemTarget, VhostBlkController, VhostBlkControllerConfig};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -158,101 +159,6 @@ fn pattern(n: usize) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8)
         .collect()
-}
-
-/// A `hostplane run` child process with its own RPC socket and vhost socket directory.
-struct Hostplane {
-    child: Option<Child>,
-    rpc: PathBuf,
-    log: PathBuf,
-}
-
-impl Hostplane {
-    fn start(dir: &Path, config: &Path, extra: &[&str]) -> Hostplane {
-        let rpc = common::rpc_socket("vhost-qemu");
-        let log = dir.join("hostplane.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hostplane"))
-            .args(["run", "-l", "0-1", "--stats-interval", "0", "--config"])
-            .arg(config)
-            .arg("-r")
-            .arg(&rpc)
-            .arg("--vhost-dir")
-            .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn hostplane run");
-        let hp = Hostplane {
-            child: Some(child),
-            rpc,
-            log,
-        };
-        let until = Instant::now() + Duration::from_secs(60);
-        while !hp.rpc.exists() {
-            assert!(
-                Instant::now() < until,
-                "hostplane did not start:\n{}",
-                hp.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // The socket is bound before EAL starts; the first answer comes once all is up.
-        if let Err(e) = hp.rpc("spdk_get_version", &[]) {
-            panic!("hostplane does not answer: {e}\n{}", hp.log_text());
-        }
-        hp
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `hostplane rpc -s SOCK METHOD ARGS...`: the result, or the error text.
-    fn rpc(&self, method: &str, args: &[&str]) -> Result<Value, String> {
-        let out = Command::new(env!("CARGO_BIN_EXE_hostplane"))
-            .args(["rpc", "-s"])
-            .arg(&self.rpc)
-            .arg(method)
-            .args(args)
-            .output()
-            .expect("run hostplane rpc");
-        if out.status.success() {
-            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    /// SIGTERM, then the exit status and the log.
-    fn stop(mut self) -> (bool, String) {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let ok = child.wait().map(|s| s.success()).unwrap_or(false);
-        (ok, self.log_text())
-    }
-}
-
-impl Hostplane {
-    /// SIGKILL: a crash, nothing cleaned up (the sockets stay, stale).
-    fn kill(mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Hostplane {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// A config with one VM: `vm1/boot` (malloc, controller `vm1-disk0` declared here), `vm1/data`

@@ -4,6 +4,7 @@
 //! `#[test]` (cargo runs every test file as its own process).
 #![allow(dead_code)]
 
+pub mod hostplane;
 pub mod nbd;
 
 /// EAL arguments for a test: no hugepages, no PCI scan, no shared config, a unique file prefix.

@@ -64,7 +64,7 @@ pub fn rpc_call(
     let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
     s.write_all(&serde_json::to_vec(&req).expect("serialisable"))
         .map_err(transport)?;
-    let mut js = hostplane::control::stream::JsonStream::new(64 << 20);
+    let mut js = ::hostplane::control::stream::JsonStream::new(64 << 20);
     let mut buf = [0u8; 65536];
     loop {
         let k = s.read(&mut buf).map_err(transport)?;

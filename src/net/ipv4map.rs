@@ -201,6 +201,10 @@ impl Ipv4BindingMap {
     }
 
     /// Looks a key up.
+    ///
+    /// Branch-light: the slot is found with a compare mask and `trailing_zeros`, not a branch per
+    /// slot — which slot of a bucket holds a key is random, so per-slot branches mispredict on
+    /// about every other frame.
     #[inline(always)]
     pub fn get(&self, key: u32) -> Option<Binding> {
         if key == 0 {
@@ -209,18 +213,22 @@ impl Ipv4BindingMap {
         let mut i = self.home(key);
         for _ in 0..=self.max_probe {
             let bucket = &self.buckets[i];
-            for s in 0..SLOTS {
-                if bucket.keys[s] == key {
-                    let m = &bucket.macs[s];
-                    return Some(Binding {
-                        local: MacAddr([m[0], m[1], m[2], m[3], m[4], m[5]]),
-                        global: MacAddr([m[6], m[7], m[8], m[9], m[10], m[11]]),
-                        port: bucket.ports[s],
-                    });
-                }
-                if bucket.keys[s] == 0 {
-                    return None;
-                }
+            let k = &bucket.keys;
+            let hit = u32::from(k[0] == key)
+                | (u32::from(k[1] == key) << 1)
+                | (u32::from(k[2] == key) << 2);
+            if hit != 0 {
+                let s = hit.trailing_zeros() as usize % SLOTS;
+                let m = &bucket.macs[s];
+                return Some(Binding {
+                    local: MacAddr([m[0], m[1], m[2], m[3], m[4], m[5]]),
+                    global: MacAddr([m[6], m[7], m[8], m[9], m[10], m[11]]),
+                    port: bucket.ports[s],
+                });
+            }
+            // Slots fill in order and nothing is ever deleted: a free slot ends the search.
+            if k[SLOTS - 1] == 0 {
+                return None;
             }
             i = (i + 1) & self.mask;
         }
@@ -280,6 +288,47 @@ mod tests {
             global: MacAddr([2, 0, b[0], b[1], b[2], b[3]]),
             port: (i % 7) as u16,
         }
+    }
+
+    /// A million-entry table (32 MiB of buckets) is backed by transparent huge pages when the
+    /// kernel allows them (`madvise` or `always`): with 4 KiB pages nearly every lookup would
+    /// also miss the TLB.
+    #[test]
+    fn large_tables_get_huge_pages() {
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if mode.contains("[never]") || mode.is_empty() {
+            return println!("skipped: transparent huge pages are off ({mode:?})");
+        }
+        let m = Ipv4BindingMap::build((1..=1_000_000u32).map(|i| (i, binding(i))), 1_000_000);
+        let base = m.buckets.as_ptr() as usize;
+        let size = m.buckets.len() * std::mem::size_of::<Bucket>();
+        assert_eq!(base % HUGE, 0, "bucket array not 2 MiB aligned");
+        // Sum AnonHugePages over the mappings inside the bucket array.
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let (mut inside, mut huge_kb) = (false, 0u64);
+        for l in smaps.lines() {
+            if let Some((range, _)) = l.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = a < base + size && b > base;
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(v) = l.strip_prefix("AnonHugePages:") {
+                    huge_kb += v.trim().trim_end_matches(" kB").parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+        assert!(
+            huge_kb * 1024 >= size as u64 / 2,
+            "only {huge_kb} kB of the {size}-byte bucket array is on huge pages"
+        );
+        assert_eq!(m.get(777_777).map(|b| b.port), Some(binding(777_777).port));
     }
 
     #[test]

@@ -114,6 +114,41 @@ fn rings_started(sock: &Path) -> bool {
     })
 }
 
+/// `DIR/hostplane.toml` with test EAL args (no file prefix: each process gets its own on the
+/// command line) and one VM disk `vm1/root` of `system` with `params` (TOML inline table),
+/// served by vhost controller `vm1-root`.
+fn one_disk_config(dir: &Path, name: &str, system: &str, params: &str) -> PathBuf {
+    let mut eal = Vec::new();
+    let mut it = common::eal_test_args(name).into_iter();
+    while let Some(a) = it.next() {
+        if a == "--file-prefix" {
+            it.next();
+        } else {
+            eal.push(a);
+        }
+    }
+    let config = dir.join("hostplane.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[eal]
+args = {eal:?}
+
+[[vm]]
+name = "vm1"
+[[vm.disk]]
+name = "root"
+system = "{system}"
+params = {params}
+vhost = "vm1-root"
+"#
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     while !f() {
@@ -134,36 +169,15 @@ fn qemu_guest_fio_verify_across_handovers_and_crashes() {
     let dir = std::env::temp_dir().join(format!("hp-upgrade-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    // The file prefix is per process (given on the command line), not in the config.
-    let mut eal = Vec::new();
-    let mut it = common::eal_test_args("upgrade").into_iter();
-    while let Some(a) = it.next() {
-        if a == "--file-prefix" {
-            it.next();
-        } else {
-            eal.push(a);
-        }
-    }
-    let config = dir.join("hostplane.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[eal]
-args = {eal:?}
-
-[[vm]]
-name = "vm1"
-[[vm.disk]]
-name = "root"
-system = "file"
-params = {{ path = "{img}", size_mib = {DISK_MIB} }}
-vhost = "vm1-root"
-"#,
-            img = dir.join("vm1-root.img").display()
+    let config = one_disk_config(
+        &dir,
+        "upgrade",
+        "file",
+        &format!(
+            r#"{{ path = "{}", size_mib = {DISK_MIB} }}"#,
+            dir.join("vm1-root.img").display()
         ),
-    )
-    .unwrap();
+    );
     let rpc_sock = common::rpc_socket("upgrade");
     let vhost_sock = dir.join("vm1-root");
     let mut gen = 0;
@@ -413,35 +427,12 @@ fn qemu_guest_fio_verify_across_nbd_server_upgrades() {
         .expect("qemu-img");
     assert!(ok.success());
     let mut server = common::nbd::QemuNbd::start(&img, &dir.join("nbd-0.sock"));
-    let mut eal = Vec::new();
-    let mut it = common::eal_test_args("nbd-upgrade").into_iter();
-    while let Some(a) = it.next() {
-        if a == "--file-prefix" {
-            it.next();
-        } else {
-            eal.push(a);
-        }
-    }
-    let config = dir.join("hostplane.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[eal]
-args = {eal:?}
-
-[[vm]]
-name = "vm1"
-[[vm.disk]]
-name = "root"
-system = "nbd"
-params = {{ address = "{addr}", export = "disk0" }}
-vhost = "vm1-root"
-"#,
-            addr = server.address()
-        ),
-    )
-    .unwrap();
+    let config = one_disk_config(
+        &dir,
+        "nbd-upgrade",
+        "nbd",
+        &format!(r#"{{ address = "{}", export = "disk0" }}"#, server.address()),
+    );
     let rpc_sock = common::rpc_socket("nbd-upgrade");
     let hp = Hp::spawn(&dir, &config, &rpc_sock, 0, false);
     wait_for("hostplane up", Duration::from_secs(60), || {

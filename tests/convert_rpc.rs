@@ -63,6 +63,45 @@ fn rpc_status(sock: &Path, name: &str) -> Value {
 
 struct Run(Option<Child>);
 
+/// `hostplane run` on `sock` with `cfg` (and a saved config to replay); returns once it serves.
+fn spawn_run(sock: &Path, cfg: &Path, json: Option<&Path>) -> Run {
+    let mut cmd = hostplane();
+    cmd.args(["run", "--stats-interval", "0", "-r"])
+        .arg(sock)
+        .arg("--config")
+        .arg(cfg);
+    if let Some(j) = json {
+        cmd.arg("--json").arg(j);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hostplane run");
+    let mut run = Run(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The socket is bound before EAL starts: wait for an answer, not just the socket.
+    while UnixStream::connect(sock).is_err()
+        || hostplane()
+            .args(["rpc", "-t", "5", "-s"])
+            .arg(sock)
+            .arg("spdk_get_version")
+            .output()
+            .map_or(true, |o| !o.status.success())
+    {
+        if let Some(st) = run.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            let o = run.0.take().unwrap().wait_with_output().unwrap();
+            panic!(
+                "hostplane exited ({st}) before serving:\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "hostplane did not serve in 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run
+}
+
 impl Drop for Run {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
@@ -135,28 +174,7 @@ fn cli_and_rpc_drive_a_conversion_on_a_running_hostplane() {
     )
     .unwrap();
     let sock = common::rpc_socket("convert-rpc");
-    let child = hostplane()
-        .args(["run", "--stats-interval", "0", "-r"])
-        .arg(&sock)
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hostplane run");
-    let mut run = Run(Some(child));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while UnixStream::connect(&sock).is_err() {
-        if let Some(st) = run.0.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            let o = run.0.take().unwrap().wait_with_output().unwrap();
-            panic!(
-                "hostplane exited ({st}) before serving:\n{}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        assert!(Instant::now() < deadline, "hostplane did not serve in 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut run = spawn_run(&sock, &cfg, None);
 
     let src = dir.join("vm.qcow2");
     let target = dir.join("vm.raw");
@@ -210,6 +228,37 @@ fn cli_and_rpc_drive_a_conversion_on_a_running_hostplane() {
     let out = convert(&sock, "status", &[]);
     let v: Value = serde_json::from_str(&out).expect("status JSON");
     assert_eq!(v["conversions"][0]["name"], "d0", "{v}");
+
+    // save_config holds the conversion (start + pause); a restart from it resumes it from the
+    // map, still paused, where it stopped.
+    let o = hostplane()
+        .args(["rpc", "-s"])
+        .arg(&sock)
+        .arg("save_config")
+        .output()
+        .unwrap();
+    let saved_text = ok(o, "save_config");
+    let saved: Value = serde_json::from_str(&saved_text).expect("save_config JSON");
+    let conv = saved["subsystems"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["subsystem"] == "convert"))
+        .unwrap_or_else(|| panic!("no convert subsystem: {saved}"));
+    assert_eq!(conv["config"][0]["method"], "bdev_convert_start", "{conv}");
+    assert_eq!(conv["config"][0]["params"]["name"], "d0", "{conv}");
+    assert_eq!(conv["config"][0]["params"]["rate_mib"], 8, "{conv}");
+    assert_eq!(conv["config"][1]["method"], "bdev_convert_pause", "{conv}");
+    let saved_file = dir.join("saved.json");
+    std::fs::write(&saved_file, &saved_text).unwrap();
+    drop(run);
+    run = spawn_run(&sock, &cfg, Some(&saved_file));
+    let r = rpc_status(&sock, "d0");
+    assert_eq!(r["resumed"], true, "{r}");
+    assert_eq!(r["state"], "paused", "{r}");
+    assert!(
+        r["grains_done"].as_u64() >= b["grains_done"].as_u64(),
+        "resumed behind where it stopped: {r} vs {b}"
+    );
+    let _ = &run;
 
     // Resume; `status --watch` draws the progress bar until done.
     let out = convert(&sock, "resume", &["--name", "d0"]);

@@ -104,6 +104,11 @@ impl Registry {
         });
     }
 
+    /// Whether a subsystem of that name is registered.
+    pub fn has_subsystem(&self, name: &str) -> bool {
+        self.subsystems.iter().any(|s| s.name == name)
+    }
+
     /// Every method that answers, sorted.
     pub fn method_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self

@@ -46,8 +46,17 @@ pub fn register(reg: &mut Registry, svc: Arc<ConvertService>) {
     reg.register_typed("bdev_convert_pause", move |p: NameParam| {
         to_value(s.set_paused(&p.name, true).map_err(err)?)
     });
-    let s = svc;
+    let s = svc.clone();
     reg.register_typed("bdev_convert_resume", move |p: NameParam| {
         to_value(s.set_paused(&p.name, false).map_err(err)?)
+    });
+    // After `bdev` (a finished conversion is saved as a file bdev) and before `vhost_blk` (a
+    // controller may serve a converting disk).
+    let deps: &[&str] = if reg.has_subsystem("bdev") { &["bdev"] } else { &[] };
+    reg.add_subsystem("convert", deps, move || {
+        svc.save()
+            .into_iter()
+            .map(|(method, params)| crate::control::ConfigCall { method, params })
+            .collect()
     });
 }

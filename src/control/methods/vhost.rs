@@ -46,15 +46,13 @@ pub fn register(reg: &mut Registry, vhost: Arc<VhostControl>) {
             .map(|()| Value::Bool(true))
             .map_err(rpc_error)
     });
-    // Depend on `bdev` when that subsystem is registered (before this one): SPDK's client
-    // refuses a dependency on a subsystem that does not exist.
-    let has_bdev = reg
-        .call("framework_get_subsystems", Value::Null)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .is_some_and(|a| a.iter().any(|s| s["subsystem"] == "bdev"));
-    let deps: &[&str] = if has_bdev { &["bdev"] } else { &[] };
-    reg.add_subsystem("vhost_blk", deps, move || {
+    // Depend on the subsystems that make bdevs when they are registered (before this one):
+    // SPDK's client refuses a dependency on a subsystem that does not exist.
+    let deps: Vec<&str> = ["bdev", "convert"]
+        .into_iter()
+        .filter(|s| reg.has_subsystem(s))
+        .collect();
+    reg.add_subsystem("vhost_blk", &deps, move || {
         vhost
             .save()
             .into_iter()

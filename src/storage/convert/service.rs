@@ -99,6 +99,47 @@ impl ConvertService {
         Ok(Self::info(c))
     }
 
+    /// The calls that recreate every conversion after a restart (the `convert` subsystem of
+    /// `save_config`, replayed by `hostplane run --json`): an unfinished one as
+    /// `bdev_convert_start` with its params — which resumes from the map — followed by
+    /// `bdev_convert_pause` when its background converter is paused; a finished one as
+    /// `bdev_uring_create` of its target under the same name (it has become a plain target bdev;
+    /// a second `bdev_convert_start` on it would be refused).
+    pub fn save(&self) -> Vec<(String, serde_json::Value)> {
+        let m = lock(&self.conversions);
+        let mut calls = Vec::new();
+        for c in m.values() {
+            let p = &c.params;
+            if c.stats.status().state == "done" {
+                calls.push((
+                    "bdev_uring_create".to_string(),
+                    serde_json::json!({
+                        "name": p.name,
+                        "filename": p.target,
+                        "block_size": p.block_size,
+                        "direct": p.direct,
+                        "reactor": p.reactor,
+                    }),
+                ));
+                continue;
+            }
+            match serde_json::to_value(p) {
+                Ok(v) => calls.push(("bdev_convert_start".to_string(), v)),
+                Err(e) => {
+                    log::error!("save_config: conversion {}: {e}", p.name);
+                    continue;
+                }
+            }
+            if c.stats.paused.load(Ordering::Relaxed) {
+                calls.push((
+                    "bdev_convert_pause".to_string(),
+                    serde_json::json!({ "name": p.name }),
+                ));
+            }
+        }
+        calls
+    }
+
     /// The convert bdev of a conversion (what a vhost-user-blk controller attaches to) and the
     /// reactor that owns it.
     pub fn bdev(&self, name: &str) -> Option<(Arc<Bdev>, u32)> {

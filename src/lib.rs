@@ -16,5 +16,6 @@ pub mod handover;
 pub mod lcores;
 pub mod net;
 pub mod runtime;
+pub mod scm;
 pub mod signals;
 pub mod storage;

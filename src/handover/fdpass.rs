@@ -11,11 +11,11 @@
 //! handover is a short control-plane exchange, never on a data path.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 /// Fds per frame at most.
-pub const FDS_PER_FRAME: usize = 64;
+pub const FDS_PER_FRAME: usize = crate::scm::MAX_FDS_PER_CALL;
 /// Largest JSON payload accepted (a handover state is a few KiB per controller).
 pub const MAX_PAYLOAD: usize = 16 << 20;
 /// Most fds accepted in one message.
@@ -57,43 +57,10 @@ fn send_frame(stream: &UnixStream, payload: &[u8], fds: &[RawFd]) -> io::Result<
 /// One `sendmsg` of `data` with `fds` attached (≤ [`FDS_PER_FRAME`]); returns the bytes sent.
 fn sendmsg(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     debug_assert!(fds.len() <= FDS_PER_FRAME);
-    let mut cbuf = [0u64; (FDS_PER_FRAME * 4 + 64) / 8];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid value.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let payload = std::mem::size_of_val(fds);
-        // SAFETY: pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
-        mh.msg_control = cbuf.as_mut_ptr().cast();
-        mh.msg_controllen = space as _;
-        // SAFETY: msg_control points at cbuf, which holds `space` bytes (≤ FDS_PER_FRAME fds
-        // plus the header fit in its 64 spare bytes).
-        let c = unsafe { libc::CMSG_FIRSTHDR(&mh) };
-        // SAFETY: c is the first cmsghdr inside cbuf (non-null: controllen ≥ one header); the
-        // copy writes `payload` bytes at CMSG_DATA, inside `space`.
-        unsafe {
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), payload);
-        }
-    }
     loop {
-        // SAFETY: mh describes live buffers (data, cbuf) for the duration of the call; the fds
-        // are open in this process (the caller borrows them from live owners).
-        let n = unsafe { libc::sendmsg(fd, &mh, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match crate::scm::sendmsg_fds(fd, data, fds, 0) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
         }
     }
 }
@@ -132,52 +99,7 @@ fn recv_exact(stream: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io
 
 /// One `recvmsg` into `buf`; SCM_RIGHTS fds are appended to `fds` (close-on-exec).
 fn recvmsg(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut cbuf = [0u64; (FDS_PER_FRAME * 4 + 64) / 8];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid value.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf.as_mut_ptr().cast();
-    mh.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    // SAFETY: mh points at a live iovec over `buf` and a live control buffer of the stated size.
-    let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // Own every fd first so none leaks, even if the frame is then refused.
-    // SAFETY: mh was filled by recvmsg; CMSG_FIRSTHDR only reads its control fields.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&mh) };
-    while !cmsg.is_null() {
-        // SAFETY: cmsg is non-null and inside cbuf (CMSG_FIRSTHDR/NXTHDR bound-check it).
-        let c = unsafe { &*cmsg };
-        if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_RIGHTS {
-            // SAFETY: pure size computation.
-            let hdr_len = unsafe { libc::CMSG_LEN(0) } as usize;
-            let n_fds =
-                (c.cmsg_len as usize).saturating_sub(hdr_len) / std::mem::size_of::<RawFd>();
-            // SAFETY: the data of an SCM_RIGHTS cmsg holds n_fds ints inside cbuf.
-            let data = unsafe { libc::CMSG_DATA(cmsg) } as *const RawFd;
-            for i in 0..n_fds {
-                // SAFETY: i < n_fds, inside the cmsg data; unaligned read (CMSG_DATA alignment
-                // is not guaranteed for RawFd on every ABI).
-                let raw = unsafe { std::ptr::read_unaligned(data.add(i)) };
-                if raw >= 0 {
-                    // SAFETY: the kernel just installed this fd in our table, for us alone.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-        }
-        // SAFETY: mh and cmsg are valid as above.
-        cmsg = unsafe { libc::CMSG_NXTHDR(&mh, cmsg) };
-    }
-    if mh.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::other("handover control data truncated"));
-    }
-    Ok(n as usize)
+    crate::scm::recvmsg_fds(fd, buf, fds, 0)
 }
 
 /// The fds of one outgoing message: objects register theirs and refer to them by index.

@@ -6,7 +6,7 @@
 //! received).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// Protocol version carried in the low two bits of `flags`.
 pub const VERSION: u32 = 0x1;
@@ -230,57 +230,10 @@ fn fill(
     Ok(true)
 }
 
-/// Space for MAX_FDS (+ slack to detect excess) descriptors in a control message.
-const CMSG_SPACE: usize = 128;
-
-/// One `recvmsg`: data into `buf`, any SCM_RIGHTS fds appended to `fds` (close-on-exec).
+/// One non-blocking `recvmsg`: data into `buf`, any SCM_RIGHTS fds appended to `fds`
+/// (close-on-exec). More than `MAX_FDS` is refused by the caller.
 fn recv_with_fds(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut cbuf = [0u64; CMSG_SPACE / 8];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is a valid value.
-    let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-    mh.msg_iov = &mut iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf.as_mut_ptr().cast();
-    mh.msg_controllen = CMSG_SPACE as _;
-    // SAFETY: mh points at a live iovec over `buf` and a live control buffer of the stated size.
-    let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // Take ownership of every fd first so none leaks, even if we then refuse the message.
-    // SAFETY: mh was filled by recvmsg; CMSG_FIRSTHDR only reads its control fields.
-    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&mh) };
-    while !cmsg.is_null() {
-        // SAFETY: cmsg is non-null and points into cbuf (CMSG_FIRSTHDR/NXTHDR bound-check it).
-        let c = unsafe { &*cmsg };
-        if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_RIGHTS {
-            // SAFETY: CMSG_LEN(0) is a pure size computation.
-            let hdr_len = unsafe { libc::CMSG_LEN(0) } as usize;
-            let n_fds =
-                (c.cmsg_len as usize).saturating_sub(hdr_len) / std::mem::size_of::<RawFd>();
-            // SAFETY: the data of an SCM_RIGHTS cmsg holds n_fds ints inside cbuf.
-            let data = unsafe { libc::CMSG_DATA(cmsg) } as *const RawFd;
-            for i in 0..n_fds {
-                // SAFETY: i < n_fds, within the cmsg data; read_unaligned since CMSG_DATA may be
-                // unaligned for RawFd on some ABIs.
-                let raw = unsafe { std::ptr::read_unaligned(data.add(i)) };
-                if raw >= 0 {
-                    // SAFETY: the kernel just installed this fd in our table for us alone.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-        }
-        // SAFETY: mh and cmsg are valid as above.
-        cmsg = unsafe { libc::CMSG_NXTHDR(&mh, cmsg) };
-    }
-    if mh.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::other("control data truncated (too many fds)"));
-    }
-    Ok(n as usize)
+    crate::scm::recvmsg_fds(fd, buf, fds, libc::MSG_DONTWAIT)
 }
 
 /// Sends a reply (header + body, optionally one or more fds) on a possibly non-blocking socket,
@@ -306,48 +259,18 @@ pub fn send_with_fds(fd: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut first = true;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while off < data.len() {
-        let mut cbuf = [0u64; CMSG_SPACE / 8];
-        let mut iov = libc::iovec {
-            iov_base: data[off..].as_ptr() as *mut libc::c_void,
-            iov_len: data.len() - off,
-        };
-        // SAFETY: msghdr is plain data; all-zero is a valid value.
-        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        if first && !fds.is_empty() {
-            let payload = std::mem::size_of_val(fds);
-            // SAFETY: pure size computation.
-            let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
-            mh.msg_control = cbuf.as_mut_ptr().cast();
-            mh.msg_controllen = space as _;
-            // SAFETY: msg_control points at cbuf, large enough for `space` bytes (≤ 8 fds).
-            let c = unsafe { libc::CMSG_FIRSTHDR(&mh) };
-            // SAFETY: c points at the start of cbuf (non-null because controllen ≥ one cmsghdr).
-            unsafe {
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-                std::ptr::copy_nonoverlapping(
-                    fds.as_ptr().cast::<u8>(),
-                    libc::CMSG_DATA(c),
-                    payload,
-                );
-            }
-        }
-        // SAFETY: mh describes live buffers (data, cbuf) for the duration of the call.
-        let n = unsafe { libc::sendmsg(fd, &mh, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.kind() {
+        let attach = if first { fds } else { &[] };
+        let n = match crate::scm::sendmsg_fds(fd, &data[off..], attach, 0) {
+            Ok(n) => n,
+            Err(e) => match e.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock if std::time::Instant::now() < deadline => {
                     wait_fd(fd, libc::POLLOUT, 10);
                     continue;
                 }
                 _ => return Err(e),
-            }
-        }
+            },
+        };
         first = false;
         off += n as usize;
     }

@@ -220,6 +220,9 @@ impl BdevBackend for FileBackend {
             free: (0..n as u32).rev().collect(),
             waiting: VecDeque::new(),
             unsubmitted: 0,
+            eager: true,
+            window_done: 0,
+            window_start: super::ticks(),
             in_kernel: 0,
             cqes: Vec::with_capacity(n),
         }))
@@ -252,9 +255,20 @@ struct FileChannel {
     /// Requests waiting for a free slot (queue deeper than the ring).
     waiting: VecDeque<IoRequest>,
     unsubmitted: usize,
+    /// Hand each request to the kernel at once instead of once per poll (see
+    /// [`FileChannel::submit`]); decided from the completion rate.
+    eager: bool,
+    /// Completions since `window_start` (ticks).
+    window_done: u32,
+    window_start: u64,
     in_kernel: usize,
     cqes: Vec<(u64, i32)>,
 }
+
+/// Completion rate (per channel, per second) below which requests are submitted one by one.
+const EAGER_MAX_IOPS: u64 = 150_000;
+/// Completions per rate measurement.
+const RATE_WINDOW: u32 = 512;
 
 const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
@@ -400,6 +414,15 @@ impl FileChannel {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         let n = cqes.len();
+        self.window_done += n as u32;
+        if self.window_done >= RATE_WINDOW {
+            let now = super::ticks();
+            let dt = now.saturating_sub(self.window_start).max(1);
+            let rate = u64::from(self.window_done) * super::ticks_hz() / dt;
+            self.eager = rate < EAGER_MAX_IOPS;
+            self.window_done = 0;
+            self.window_start = now;
+        }
         self.in_kernel -= n;
         for &(ud, res) in &cqes {
             if let Some((req, st)) = self.on_cqe(ud as u32, res) {
@@ -435,6 +458,15 @@ impl BackendChannel for FileChannel {
             self.waiting.push_back(req);
         } else if let Err(r) = self.start(req) {
             self.waiting.push_back(r);
+        }
+        // Below EAGER_MAX_IOPS completions per second each request goes to the kernel at once
+        // (one io_uring_enter per IO: ~1.5 µs, a small share of the ≥ 6.7 µs between IOs);
+        // above, requests are batched per poll, where the syscall per IO would be the cost.
+        // Measured (docs/storage.md): a virtio disk at qd 32, mean latency 450 → 300 µs when
+        // eager (its back end completes a kicked batch together); tmpfs O_DIRECT, 330 k IOPS
+        // batched vs 205 k eager.
+        if self.eager {
+            let _ = self.flush_sq();
         }
     }
 

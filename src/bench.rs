@@ -158,31 +158,14 @@ fn worker(
 /// memory alone adds per lookup at that table size on this machine, however well the lookups
 /// are prefetched: the floor under MAC-NAT's cost at 10^6 entries.
 fn memory_probe(bytes: usize) -> (f64, f64) {
-    const HUGE: usize = 2 << 20;
     const AHEAD: usize = 16;
     let lines = bytes / 64;
-    let total = bytes + HUGE;
-    // SAFETY: a fresh anonymous private mapping; no fd, no fixed address.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            total,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED || lines < 1024 {
+    let Some(map) = crate::net::ipv4map::HugeZeroed::new(bytes).filter(|_| lines >= 1024) else {
         return (f64::NAN, f64::NAN);
-    }
-    let aligned = (base as usize + HUGE - 1) & !(HUGE - 1);
-    // SAFETY: `aligned..aligned + bytes` lies inside the mapping made above and is untouched;
-    // the advice only affects speed.
-    unsafe { libc::madvise(aligned as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
-    // SAFETY: the range is inside our mapping, zero-filled (a valid [u64]), and nothing else
-    // refers to it until the munmap below.
-    let table: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(aligned as *mut u64, bytes / 8) };
+    };
+    // SAFETY: the mapping holds `bytes` zero-filled bytes (a valid [u64]), 2 MiB aligned, and
+    // nothing else refers to it while `map` lives (it outlives `table`).
+    let table: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(map.as_ptr().cast::<u64>(), bytes / 8) };
     for (i, v) in table.iter_mut().enumerate() {
         *v = i as u64;
     }
@@ -214,8 +197,7 @@ fn memory_probe(bytes: usize) -> (f64, f64) {
     };
     let cold = run(usize::MAX);
     let hot = run(2047);
-    // SAFETY: unmaps exactly the mapping made above; `table` is not used after this.
-    unsafe { libc::munmap(base, total) };
+    drop(map);
     (cold, hot)
 }
 

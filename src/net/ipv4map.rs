@@ -27,13 +27,90 @@ struct Bucket {
 /// million entries span 32 MiB, and with 4 KiB pages nearly every lookup would also miss the TLB.
 const HUGE: usize = 2 << 20;
 
-/// Zeroed (= empty) bucket storage. Large tables are mapped directly (fresh, untouched pages)
-/// and advised to use transparent huge pages before the first touch, aligned to 2 MiB.
+/// A zero-filled anonymous mapping of at least `len` bytes, 2 MiB aligned and advised to use
+/// transparent huge pages before the first touch; unmapped on drop. The MAC-NAT bucket array
+/// lives in one (and `bench macnat`'s memory probe, to measure the same kind of memory).
+pub struct HugeZeroed {
+    base: *mut libc::c_void,
+    total: usize,
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: HugeZeroed exclusively owns its mapping; it hands out no references by itself.
+unsafe impl Send for HugeZeroed {}
+// SAFETY: as above; &HugeZeroed only exposes the address and length.
+unsafe impl Sync for HugeZeroed {}
+
+impl HugeZeroed {
+    /// Maps `len` bytes (plus alignment slack); None if mmap fails or `len` is 0.
+    pub fn new(len: usize) -> Option<HugeZeroed> {
+        let total = len.checked_add(HUGE)?;
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: anonymous private mapping; no fd, no fixed address.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        let aligned = (base as usize + HUGE - 1) & !(HUGE - 1);
+        // SAFETY: advises on memory we just mapped and have not touched; failure (THP
+        // disabled) only costs speed.
+        unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        let Some(ptr) = std::ptr::NonNull::new(aligned as *mut u8) else {
+            // SAFETY: unmaps the mapping made above, never used.
+            unsafe { libc::munmap(base, total) };
+            return None;
+        };
+        Some(HugeZeroed {
+            base,
+            total,
+            ptr,
+            len,
+        })
+    }
+
+    /// First byte (2 MiB aligned); `len` zero-filled bytes follow.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Usable length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true (`new` refuses 0).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for HugeZeroed {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` created; whoever borrowed from it (the bucket
+        // array, the probe's slice) is gone before its owner drops it.
+        unsafe { libc::munmap(self.base, self.total) };
+    }
+}
+
+/// Zeroed (= empty) bucket storage. Large tables live in a [`HugeZeroed`] mapping (fresh,
+/// untouched pages on transparent huge pages); small ones come from the allocator.
 struct Buckets {
     ptr: std::ptr::NonNull<Bucket>,
     len: usize,
-    /// (base, length) of our own mmap, or None when the allocator owns the memory.
-    mapping: Option<(*mut libc::c_void, usize)>,
+    /// Our own mapping, or None when the allocator owns the memory.
+    mapping: Option<HugeZeroed>,
 }
 
 // SAFETY: Buckets exclusively owns its allocation of plain-old-data buckets.
@@ -50,30 +127,14 @@ impl Buckets {
     fn zeroed(len: usize) -> Buckets {
         let size = len * std::mem::size_of::<Bucket>();
         if size >= HUGE {
-            let total = size + HUGE;
-            // SAFETY: anonymous private mapping; no fd, no fixed address.
-            let base = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    total,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if base != libc::MAP_FAILED {
-                let aligned = (base as usize + HUGE - 1) & !(HUGE - 1);
-                // SAFETY: advises on memory we just mapped and have not touched; failure (THP
-                // disabled) only costs speed.
-                unsafe { libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE) };
-                if let Some(ptr) = std::ptr::NonNull::new(aligned as *mut Bucket) {
-                    return Buckets {
-                        ptr,
-                        len,
-                        mapping: Some((base, total)),
-                    };
-                }
+            if let Some(m) = HugeZeroed::new(size) {
+                // 2 MiB alignment satisfies Bucket's 64.
+                let ptr = m.ptr.cast::<Bucket>();
+                return Buckets {
+                    ptr,
+                    len,
+                    mapping: Some(m),
+                };
             }
         }
         let layout = Self::small_layout(len);
@@ -115,16 +176,11 @@ impl Clone for Buckets {
 
 impl Drop for Buckets {
     fn drop(&mut self) {
-        match self.mapping {
-            // SAFETY: unmaps exactly the mapping `zeroed` created; nothing borrows it any more.
-            Some((base, total)) => unsafe {
-                libc::munmap(base, total);
-            },
-            // SAFETY: allocated in `zeroed` with exactly this layout.
-            None => unsafe {
-                std::alloc::dealloc(self.ptr.as_ptr().cast(), Self::small_layout(self.len))
-            },
+        if self.mapping.is_none() {
+            // SAFETY: allocated in `zeroed` with exactly this layout; nothing borrows it any more.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), Self::small_layout(self.len)) }
         }
+        // A mapping is unmapped by its own Drop.
     }
 }
 

@@ -93,22 +93,19 @@ impl Drop for Hp {
     }
 }
 
-fn rpc(sock: &Path, method: &str) -> Result<Value, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_hostplane"))
-        .args(["rpc", "-t", "2", "-s"])
-        .arg(sock)
-        .arg(method)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+/// One JSON-RPC call straight on the socket (no `hostplane rpc` process start in the timing).
+fn call(sock: &Path, method: &str, params: Value) -> Result<Value, String> {
+    common::rpc_call(sock, method, params).map_err(|e| format!("{method}: {e}"))
+}
+
+/// `vhost_get_controllers`.
+fn controllers(sock: &Path) -> Result<Value, String> {
+    call(sock, "vhost_get_controllers", json!({}))
 }
 
 /// Whether the controller has a front-end with started rings (from `vhost_get_controllers`).
 fn rings_started(sock: &Path) -> bool {
-    rpc(sock, "vhost_get_controllers").is_ok_and(|v| {
+    controllers(sock).is_ok_and(|v| {
         v[0]["sessions"][0]["started"].as_bool() == Some(true)
             && v[0]["stats"]["connections"].as_u64().unwrap_or(0) > 0
     })
@@ -183,7 +180,7 @@ fn qemu_guest_fio_verify_across_handovers_and_crashes() {
     let mut gen = 0;
     let mut hp = Hp::spawn(&dir, &config, &rpc_sock, gen, false);
     wait_for("hostplane up", Duration::from_secs(60), || {
-        rpc(&rpc_sock, "vhost_get_controllers").is_ok()
+        controllers(&rpc_sock).is_ok()
     });
 
     let fio = |name: &str, runtime: usize| {
@@ -327,7 +324,7 @@ fn qemu_guest_fio_verify_across_handovers_and_crashes() {
         pauses.push((ms, drain));
     }
     assert!(rings_started(&rpc_sock), "{}", hp.log_text());
-    let v = rpc(&rpc_sock, "vhost_get_controllers").unwrap();
+    let v = controllers(&rpc_sock).unwrap();
     assert_eq!(
         v[0]["stats"]["connections"].as_u64(),
         Some(1),
@@ -351,7 +348,7 @@ fn qemu_guest_fio_verify_across_handovers_and_crashes() {
             Duration::from_secs(60),
             || rings_started(&rpc_sock),
         );
-        let v = rpc(&rpc_sock, "vhost_get_controllers").unwrap();
+        let v = controllers(&rpc_sock).unwrap();
         let resub = v[0]["stats"]["resubmitted"].as_u64().unwrap_or(0);
         println!(
             "crash {i}: kill -9 → rings restarted in {:?} ({d:?} after spawn), {resub} requests resubmitted from the inflight region",
@@ -397,11 +394,6 @@ fn qemu_guest_fio_verify_across_handovers_and_crashes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// One JSON-RPC call straight on the socket (no `hostplane rpc` process start in the timing).
-fn call(sock: &Path, method: &str, params: Value) -> Result<Value, String> {
-    common::rpc_call(sock, method, params).map_err(|e| format!("{method}: {e}"))
-}
-
 /// Backend upgrade under a guest: the guest's disk is an NBD bdev served by a real `qemu-nbd`;
 /// while fio randwrite+crc32c-verify runs in the guest, the server is replaced five times by the
 /// restart-in-place procedure (`bdev_pause` → stop qemu-nbd → start a new one on the same image →
@@ -436,7 +428,7 @@ fn qemu_guest_fio_verify_across_nbd_server_upgrades() {
     let rpc_sock = common::rpc_socket("nbd-upgrade");
     let hp = Hp::spawn(&dir, &config, &rpc_sock, 0, false);
     wait_for("hostplane up", Duration::from_secs(60), || {
-        rpc(&rpc_sock, "vhost_get_controllers").is_ok()
+        controllers(&rpc_sock).is_ok()
     });
     let st = call(&rpc_sock, "bdev_get_service_stats", json!({})).expect("service stats");
     let bdev = st[0]["name"]

@@ -110,7 +110,7 @@ impl ConvertService {
         let mut calls = Vec::new();
         for c in m.values() {
             let p = &c.params;
-            if c.stats.status().state == "done" {
+            if c.stats.is_done() {
                 calls.push((
                     "bdev_uring_create".to_string(),
                     serde_json::json!({

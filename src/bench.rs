@@ -9,10 +9,12 @@
 
 use crate::cli::BenchMacnatArgs;
 use crate::env::ethdev::{RxQueue, TxQueue};
-use crate::env::{lcore, tsc_hz, Eal, EthPort, MbufBurst, Mempool, PortConfig};
+use crate::env::{lcore, tsc_hz, Eal, EthPort, Mbuf, MbufBurst, Mempool, PortConfig};
+use crate::net::dataplane::{NetLcore, PortRole};
 use crate::net::macnat::{MacNatEntry, MacNatTable};
-use crate::net::nat::{self, Disposition, Policy, Verdict};
+use crate::net::nat::{Disposition, Policy};
 use crate::net::packet::{IpKey, MacAddr};
+use crate::net::stats::LcoreCounters;
 use crate::runtime::Error;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -65,7 +67,7 @@ fn fill(frame: &mut [u8], template: &[u8; 64], idx: u32) {
 
 #[allow(clippy::too_many_arguments)]
 fn worker(
-    mut q: Queues,
+    q: Queues,
     mode: Mode,
     table: Option<crate::net::macnat::MacNatReader>,
     policy: Policy,
@@ -87,45 +89,48 @@ fn worker(
         t.copy_from_slice(&f[..64]);
         t
     };
-    let mut table = table;
-    if let Some(t) = table.as_mut() {
-        t.online();
-    }
-    let mut rxb = MbufBurst::new();
-    let mut txb = MbufBurst::new();
     let mut pos = offset % seq.len().max(1);
-    let mut sent: u64 = 0;
-    let mut bad: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        if q.rx.rx_burst(&mut rxb) == 0 {
-            continue;
-        }
-        // The "NIC" writes each frame (same cost in both modes).
-        for m in rxb.as_mut_slice() {
+    // The "NIC" writes each frame (same cost in both modes).
+    let mut nic = |frames: &mut [Mbuf]| {
+        for m in frames {
             fill(m.data_mut(), &template, seq[pos]);
             pos = if pos + 1 == seq.len() { 0 } else { pos + 1 };
         }
-        match (mode, table.as_mut()) {
-            (Mode::MacNat, Some(reader)) => {
-                let t = reader.get();
-                // As the dataplane does: a prefetch pass over the burst, then the work.
-                for m in rxb.as_slice() {
-                    nat::prefetch_egress(m.data(), t);
+    };
+    let (q, sent, ok) = match (mode, table) {
+        (Mode::MacNat, Some(reader)) => {
+            // The dataplane's own lcore loop, on a VM-side port whose frames leave on the uplink.
+            let out_port = q.tx.port();
+            let mut tx: Vec<Option<TxQueue>> = (0..out_port).map(|_| None).collect();
+            tx.push(Some(q.tx));
+            let mut lcore = NetLcore {
+                rx: vec![(q.rx, PortRole::Vm)],
+                tx,
+                policy,
+                table: reader,
+                counters: Arc::new(LcoreCounters::default()),
+            };
+            lcore.run_with(&stop, &mut nic);
+            let c = lcore.counters.snapshot();
+            // Every frame must have been translated and sent (bench setup check).
+            let ok =
+                c.egress_translated == c.rx && c.tx == c.rx && c.drops.iter().all(|(_, d)| *d == 0);
+            let (Some((rx, _)), Some(Some(tx))) = (lcore.rx.pop(), lcore.tx.pop()) else {
+                return 1;
+            };
+            (Queues { rx, tx }, c.tx, ok)
+        }
+        _ => {
+            // testpmd's macswap: swap in place, send the burst, free what the driver refused.
+            let mut q = q;
+            let mut rxb = MbufBurst::new();
+            let mut sent: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if q.rx.rx_burst(&mut rxb) == 0 {
+                    continue;
                 }
-                while let Some(mut m) = rxb.pop_front() {
-                    match nat::egress(m.data_mut(), 1, t, &policy) {
-                        Verdict::Forward {
-                            translated: true, ..
-                        } => {
-                            let _ = txb.push(m);
-                        }
-                        _ => bad += 1,
-                    }
-                }
-                reader.quiescent();
-            }
-            _ => {
-                while let Some(mut m) = rxb.pop_front() {
+                nic(rxb.as_mut_slice());
+                for m in rxb.as_mut_slice() {
                     let d = m.data_mut();
                     if d.len() >= 12 {
                         let mut tmp = [0u8; 6];
@@ -133,22 +138,19 @@ fn worker(
                         d.copy_within(6..12, 0);
                         d[6..12].copy_from_slice(&tmp);
                     }
-                    let _ = txb.push(m);
                 }
+                sent += q.tx.tx_burst(&mut rxb) as u64;
+                rxb.drop_all();
             }
+            (q, sent, true)
         }
-        sent += q.tx.tx_burst(&mut txb) as u64;
-        txb.drop_all();
-    }
-    if let Some(t) = table.as_mut() {
-        t.offline();
-    }
+    };
     done.fetch_add(sent, Ordering::SeqCst);
     let _ = back.send(q);
-    if bad > 0 {
-        1
-    } else {
+    if ok {
         0
+    } else {
+        1
     }
 }
 
@@ -165,7 +167,8 @@ fn memory_probe(bytes: usize) -> (f64, f64) {
     };
     // SAFETY: the mapping holds `bytes` zero-filled bytes (a valid [u64]), 2 MiB aligned, and
     // nothing else refers to it while `map` lives (it outlives `table`).
-    let table: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(map.as_ptr().cast::<u64>(), bytes / 8) };
+    let table: &mut [u64] =
+        unsafe { std::slice::from_raw_parts_mut(map.as_ptr().cast::<u64>(), bytes / 8) };
     for (i, v) in table.iter_mut().enumerate() {
         *v = i as u64;
     }
@@ -190,7 +193,9 @@ fn memory_probe(bytes: usize) -> (f64, f64) {
             }
             // About the arithmetic a lookup does around its read (hash, compares).
             let v = table[idx[k] & mask];
-            acc = acc.wrapping_add(std::hint::black_box(v.wrapping_mul(0x9e37_79b9).rotate_left(7)));
+            acc = acc.wrapping_add(std::hint::black_box(
+                v.wrapping_mul(0x9e37_79b9).rotate_left(7),
+            ));
         }
         std::hint::black_box(acc);
         (crate::env::tsc() - t0) as f64 / n as f64
@@ -255,6 +260,47 @@ fn measure(
         mpps,
         cycles_per_pkt: cycles,
     })
+}
+
+/// One mode at one lcore count over the rounds.
+struct Series {
+    lcores: usize,
+    /// Table size, None for the swap.
+    entries: Option<usize>,
+    /// Mpps per round.
+    mpps: Vec<f64>,
+    /// Per round, MAC-NAT over the swap measured just before it.
+    ratios: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn print_row(
+    round: usize,
+    mode: &str,
+    lcores: usize,
+    n: Option<usize>,
+    m: &Measurement,
+    ratio: Option<f64>,
+) {
+    println!(
+        "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9}   (round {})",
+        mode,
+        lcores,
+        n.map_or("-".to_string(), |n| n.to_string()),
+        m.mpps,
+        m.cycles_per_pkt,
+        ratio.map_or("1.00".to_string(), |r| format!("{r:.3}")),
+        round + 1
+    );
 }
 
 /// Runs the MAC-NAT benchmark and prints Mpps, cycles/packet and ratios against MAC swap.
@@ -334,88 +380,125 @@ pub fn macnat(args: &BenchMacnatArgs) -> Result<(), Error> {
         "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9}",
         "mode", "lcores", "entries", "Mpps", "cycles/pkt", "ratio"
     );
-    let mut rows: Vec<(String, usize, String, Measurement, Option<f64>)> = Vec::new();
+    let rounds = args.rounds.max(1);
+    let mut summary: Vec<Series> = Vec::new();
     let lcore_sets: Vec<Vec<u32>> = if args.scaling {
         vec![workers[..1].to_vec(), workers[..2].to_vec()]
     } else {
         vec![workers[..1].to_vec()]
     };
+    let mut tables = Vec::new();
+    for &n in &args.entries {
+        let n32 = u32::try_from(n).map_err(|_| "entries too large")?.max(1);
+        let entries: Vec<MacNatEntry> = (0..n32)
+            .map(|i| MacNatEntry {
+                ip: IpKey::V4(entry_ip(i).to_be_bytes()),
+                local: entry_local(i),
+                global: MacAddr([2, 0, 0, 0, 0, 1]),
+                port: rx_port.id(),
+            })
+            .collect();
+        let table = MacNatTable::new(&entries, workers_wanted)?;
+        let seq = Arc::new(index_sequence(n32, (n32 as usize).clamp(4096, 1 << 20)));
+        tables.push((n, table, seq));
+    }
+    let seq1 = Arc::new(index_sequence(1, 1));
     for lcs in &lcore_sets {
-        let seq1 = Arc::new(index_sequence(1, 1));
-        let swap = |queues: &mut Vec<Queues>| {
-            measure(lcs, queues, Mode::MacSwap, None, policy, &seq1, args.time)
-        };
-        let base1 = swap(&mut queues)?;
-        let mut nat_rows = Vec::new();
-        for &n in &args.entries {
-            let n32 = u32::try_from(n).map_err(|_| "entries too large")?.max(1);
-            let entries: Vec<MacNatEntry> = (0..n32)
-                .map(|i| MacNatEntry {
-                    ip: IpKey::V4(entry_ip(i).to_be_bytes()),
-                    local: entry_local(i),
-                    global: MacAddr([2, 0, 0, 0, 0, 1]),
-                    port: 1,
-                })
-                .collect();
-            let table = MacNatTable::new(&entries, lcs.len())?;
-            let seq = Arc::new(index_sequence(n32, (n32 as usize).clamp(4096, 1 << 20)));
-            let m = measure(
+        let mut swaps = Vec::new();
+        let mut nats: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); tables.len()];
+        for round in 0..rounds {
+            let s = measure(
                 lcs,
                 &mut queues,
-                Mode::MacNat,
-                Some(&table),
+                Mode::MacSwap,
+                None,
                 policy,
-                &seq,
+                &seq1,
                 args.time,
             )?;
-            nat_rows.push((n, m));
+            print_row(round, "macswap", lcs.len(), None, &s, None);
+            for ((n, table, seq), (mpps, ratios)) in tables.iter().zip(nats.iter_mut()) {
+                let m = measure(
+                    lcs,
+                    &mut queues,
+                    Mode::MacNat,
+                    Some(table),
+                    policy,
+                    seq,
+                    args.time,
+                )?;
+                let ratio = m.mpps / s.mpps.max(1e-9);
+                print_row(round, "macnat", lcs.len(), Some(*n), &m, Some(ratio));
+                mpps.push(m.mpps);
+                ratios.push(ratio);
+            }
+            swaps.push(s.mpps);
         }
-        let base2 = swap(&mut queues)?;
-        let base = Measurement {
-            mpps: (base1.mpps + base2.mpps) / 2.0,
-            cycles_per_pkt: (base1.cycles_per_pkt + base2.cycles_per_pkt) / 2.0,
-        };
-        let drift = (base1.mpps - base2.mpps).abs() / base.mpps.max(1e-9);
-        println!(
-            "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9}",
-            "macswap",
-            lcs.len(),
-            "-",
-            base.mpps,
-            base.cycles_per_pkt,
-            "1.00"
-        );
-        for (n, m) in nat_rows {
-            let ratio = m.mpps / base.mpps.max(1e-9);
-            println!(
-                "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9.3}",
+        summary.push(Series {
+            lcores: lcs.len(),
+            entries: None,
+            mpps: swaps,
+            ratios: Vec::new(),
+        });
+        for ((n, _, _), (mpps, ratios)) in tables.iter().zip(nats) {
+            summary.push(Series {
+                lcores: lcs.len(),
+                entries: Some(*n),
+                mpps,
+                ratios,
+            });
+        }
+    }
+    println!(
+        "summary over {rounds} rounds (median; ratio = MAC-NAT / the swap measured just before it):"
+    );
+    println!(
+        "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9} {:>17}",
+        "mode", "lcores", "entries", "Mpps", "cycles/pkt", "ratio", "ratio min-max"
+    );
+    let hz = tsc_hz() as f64;
+    for Series {
+        lcores,
+        entries,
+        mpps,
+        ratios,
+    } in &summary
+    {
+        let m = median(mpps);
+        let cycles = hz * *lcores as f64 / (m * 1e6).max(1.0);
+        match entries {
+            None => println!(
+                "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9}",
+                "macswap", lcores, "-", m, cycles, "1.00"
+            ),
+            Some(n) => println!(
+                "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9.3} {:>8.3}-{:.3}",
                 "macnat",
-                lcs.len(),
+                lcores,
                 n,
-                m.mpps,
-                m.cycles_per_pkt,
-                ratio
-            );
-            rows.push(("macnat".into(), lcs.len(), n.to_string(), m, Some(ratio)));
+                m,
+                cycles,
+                median(ratios),
+                ratios.iter().cloned().fold(f64::INFINITY, f64::min),
+                ratios.iter().cloned().fold(0.0, f64::max),
+            ),
         }
-        println!(
-            "  (baseline measured before and after: {:.2} / {:.2} Mpps, drift {:.1} %)",
-            base1.mpps,
-            base2.mpps,
-            drift * 100.0
-        );
-        rows.push(("macswap".into(), lcs.len(), "-".into(), base, None));
     }
     if args.scaling {
-        let one: Vec<&(String, usize, String, Measurement, Option<f64>)> =
-            rows.iter().filter(|r| r.1 == 1).collect();
-        for r2 in rows.iter().filter(|r| r.1 == 2) {
-            if let Some(r1) = one.iter().find(|r| r.0 == r2.0 && r.2 == r2.2) {
+        for two in summary.iter().filter(|r| r.lcores == 2) {
+            if let Some(one) = summary
+                .iter()
+                .find(|r| r.lcores == 1 && r.entries == two.entries)
+            {
                 println!(
                     "scaling {} {}: 2 lcores / 1 lcore = {:.2}x",
-                    r2.0,
-                    r2.2,
-                    r2.3.mpps / r1.3.mpps.max(1e-9)
+                    if two.entries.is_some() {
+                        "macnat"
+                    } else {
+                        "macswap"
+                    },
+                    two.entries.map_or("-".to_string(), |n| n.to_string()),
+                    median(&two.mpps) / median(&one.mpps).max(1e-9)
                 );
             }
         }

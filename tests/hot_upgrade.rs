@@ -220,11 +220,7 @@ fn qemu_guest_fio_verify_across_handovers_and_crashes() {
     // 0. Rollback: a new binary that fails to start, and one that fails its first health check,
     // leave the old process serving (the guest's fio verify at the end covers its IO).
     let bad_config = dir.join("broken.toml");
-    std::fs::write(
-        &bad_config,
-        "[[vm]]\nname = \"vm1\"\nbogus_field = 1\n",
-    )
-    .unwrap();
+    std::fs::write(&bad_config, "[[vm]]\nname = \"vm1\"\nbogus_field = 1\n").unwrap();
     for (what, cfg, env) in [
         ("fails to start (bad config)", &bad_config, None),
         (
@@ -423,7 +419,10 @@ fn qemu_guest_fio_verify_across_nbd_server_upgrades() {
         &dir,
         "nbd-upgrade",
         "nbd",
-        &format!(r#"{{ address = "{}", export = "disk0" }}"#, server.address()),
+        &format!(
+            r#"{{ address = "{}", export = "disk0" }}"#,
+            server.address()
+        ),
     );
     let rpc_sock = common::rpc_socket("nbd-upgrade");
     let hp = Hp::spawn(&dir, &config, &rpc_sock, 0, false);

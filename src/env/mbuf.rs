@@ -134,6 +134,23 @@ pub(crate) fn layout_matches_c() -> bool {
     c == rust
 }
 
+/// The first segment's bytes, as [`Mbuf::data`]: lets byte-level code (MAC-NAT's burst
+/// functions) take mbufs and plain buffers alike.
+impl AsRef<[u8]> for Mbuf {
+    #[inline(always)]
+    fn as_ref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
+/// As [`Mbuf::data_mut`].
+impl AsMut<[u8]> for Mbuf {
+    #[inline(always)]
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.data_mut()
+    }
+}
+
 impl Drop for Mbuf {
     #[inline]
     fn drop(&mut self) {

@@ -10,7 +10,7 @@ use super::macnat::MacNatReader;
 use super::nat::{self, Policy, Verdict};
 use super::stats::{drop_index, LcoreCounters, MAX_PORTS};
 use crate::env::ethdev::{RxQueue, TxQueue};
-use crate::env::MbufBurst;
+use crate::env::{Mbuf, MbufBurst};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -44,10 +44,19 @@ pub struct NetLcore {
 impl NetLcore {
     /// Polls until `stop` is set. Returns 0.
     pub fn run(mut self, stop: &AtomicBool) -> i32 {
+        self.run_with(stop, |_| {});
+        0
+    }
+
+    /// [`Self::run`], calling `on_rx` with every received burst before MAC-NAT sees it (`bench
+    /// macnat` writes its frames there, standing in for the NIC's DMA). Leaves `self` with its
+    /// queues, so a benchmark can poll them again.
+    pub fn run_with(&mut self, stop: &AtomicBool, mut on_rx: impl FnMut(&mut [Mbuf])) {
         let mut rx_burst = MbufBurst::new();
         let mut tx_bursts: Vec<MbufBurst> = (0..self.tx.len().min(MAX_PORTS))
             .map(|_| MbufBurst::new())
             .collect();
+        let mut verdicts = [Verdict::Drop(nat::DropReason::UnknownIp); nat::BURST];
         self.table.online();
         while !stop.load(Ordering::Relaxed) {
             let mut busy = false;
@@ -58,6 +67,7 @@ impl NetLcore {
                     continue;
                 }
                 busy = true;
+                on_rx(rx_burst.as_mut_slice());
                 let in_port = rxq.port();
                 let c = &self.counters;
                 c.rx.add(n as u64);
@@ -65,19 +75,31 @@ impl NetLcore {
                     p.add(n as u64);
                 }
                 let table = self.table.get();
-                // Bulk lookup, l3fwd style: start loading every frame's table line first, so
-                // the misses of a burst overlap instead of queueing one after another.
-                for m in rx_burst.as_slice() {
-                    match role {
-                        PortRole::Uplink => nat::prefetch_ingress(m.data(), table),
-                        PortRole::Vm => nat::prefetch_egress(m.data(), table),
+                let frames = rx_burst.as_mut_slice();
+                let all = match role {
+                    PortRole::Uplink => {
+                        nat::ingress_burst(frames, table, &self.policy, &mut verdicts)
                     }
+                    PortRole::Vm => {
+                        nat::egress_burst(frames, in_port, table, &self.policy, &mut verdicts)
+                    }
+                };
+                // The common case: every frame translated towards one port. Send the burst as
+                // it came in.
+                if let Some(Some(txq)) = all.and_then(|p| self.tx.get_mut(usize::from(p))) {
+                    match role {
+                        PortRole::Vm => c.egress_translated.add(n as u64),
+                        PortRole::Uplink => c.ingress_translated.add(n as u64),
+                    }
+                    flush(txq, &mut rx_burst, c);
+                    continue;
                 }
-                while let Some(mut m) = rx_burst.pop_front() {
-                    let v = match role {
-                        PortRole::Uplink => nat::ingress(m.data_mut(), table, &self.policy),
-                        PortRole::Vm => nat::egress(m.data_mut(), in_port, table, &self.policy),
-                    };
+                let mut verdicts = verdicts.iter();
+                while let Some(m) = rx_burst.pop_front() {
+                    let v = verdicts
+                        .next()
+                        .copied()
+                        .unwrap_or(Verdict::Drop(nat::DropReason::UnknownIp));
                     match v {
                         Verdict::Forward { port, translated } => {
                             match (translated, role) {
@@ -121,7 +143,6 @@ impl NetLcore {
             }
         }
         self.table.offline();
-        0
     }
 }
 

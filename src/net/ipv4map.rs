@@ -18,10 +18,13 @@ const LOAD_NUM: usize = 2;
 struct Bucket {
     keys: [u32; SLOTS],
     ports: [u16; SLOTS],
-    /// local MAC (6) then global MAC (6), per slot.
-    macs: [[u8; 12]; SLOTS],
+    /// Per slot: `[local MAC, global MAC]`.
+    macs: [[[u8; 6]; 2]; SLOTS],
     _pad: [u8; 10],
 }
+
+/// Bucket arrays up to 256 KiB count as cache-resident.
+const CACHE_RESIDENT_BUCKETS: usize = (256 << 10) / 64;
 
 /// Tables at least this big are mapped 2 MiB aligned and advised to use transparent huge pages: a
 /// million entries span 32 MiB, and with 4 KiB pages nearly every lookup would also miss the TLB.
@@ -184,6 +187,77 @@ impl Drop for Buckets {
     }
 }
 
+/// Bit `s` set when slot `s` of the bucket holds `key`.
+#[inline(always)]
+fn match_mask(b: &Bucket, key: u32) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            _mm_castsi128_ps, _mm_cmpeq_epi32, _mm_load_si128, _mm_movemask_ps, _mm_set1_epi32,
+        };
+        // SAFETY: SSE2 is part of the x86_64 baseline. A Bucket is 64-byte aligned and 64 bytes
+        // long, so the aligned 16-byte load stays inside it (the three keys and two ports).
+        unsafe {
+            let v = _mm_load_si128((b as *const Bucket).cast());
+            let eq = _mm_cmpeq_epi32(v, _mm_set1_epi32(key as i32));
+            (_mm_movemask_ps(_mm_castsi128_ps(eq)) as u32) & ((1 << SLOTS) - 1)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let k = &b.keys;
+        u32::from(k[0] == key) | (u32::from(k[1] == key) << 1) | (u32::from(k[2] == key) << 2)
+    }
+}
+
+/// A present key's slot, borrowed from the map: what the data path reads after a hit, without
+/// copying it out first.
+#[derive(Clone, Copy)]
+pub struct Entry<'a> {
+    bucket: &'a Bucket,
+    slot: usize,
+}
+
+impl Entry<'_> {
+    /// The VM's local MAC.
+    #[inline(always)]
+    pub fn local(&self) -> &[u8; 6] {
+        &self.bucket.macs[self.slot][0]
+    }
+
+    /// The VM's global MAC.
+    #[inline(always)]
+    pub fn global(&self) -> &[u8; 6] {
+        &self.bucket.macs[self.slot][1]
+    }
+
+    /// The VM-side port.
+    #[inline(always)]
+    pub fn port(&self) -> u16 {
+        self.bucket.ports[self.slot]
+    }
+
+    /// Is `frame_mac` (6 bytes, then 2 more of whatever follows in the frame) the local MAC?
+    /// One 8-byte compare, not a 4- and a 2-byte one.
+    #[inline(always)]
+    pub fn local_matches(&self, frame_mac: [u8; 8]) -> bool {
+        let [l, g] = &self.bucket.macs[self.slot];
+        let local = u64::from_le_bytes([l[0], l[1], l[2], l[3], l[4], l[5], g[0], g[1]]);
+        // Shifting out the top two bytes compares the first six.
+        (u64::from_le_bytes(frame_mac) ^ local) << 16 == 0
+    }
+
+    /// The whole binding, copied out.
+    #[inline(always)]
+    pub fn binding(&self) -> Binding {
+        Binding {
+            local: MacAddr(*self.local()),
+            global: MacAddr(*self.global()),
+            port: self.port(),
+        }
+    }
+}
+
 /// An immutable IPv4 (host order) → [`Binding`] map.
 #[derive(Clone)]
 pub struct Ipv4BindingMap {
@@ -222,8 +296,10 @@ impl Ipv4BindingMap {
         m
     }
 
+    /// The key's home bucket (where its probe sequence starts); pass it to [`Self::find`] and
+    /// [`Self::prefetch_home`], so a burst hashes each key once.
     #[inline(always)]
-    fn home(&self, key: u32) -> usize {
+    pub fn home(&self, key: u32) -> usize {
         ((u64::from(key).wrapping_mul(self.mult) >> 32) as usize) & self.mask
     }
 
@@ -245,8 +321,7 @@ impl Ipv4BindingMap {
                     }
                     bucket.keys[s] = key;
                     bucket.ports[s] = b.port;
-                    bucket.macs[s][..6].copy_from_slice(&b.local.0);
-                    bucket.macs[s][6..].copy_from_slice(&b.global.0);
+                    bucket.macs[s] = [b.local.0, b.global.0];
                     self.max_probe = self.max_probe.max(probe);
                     return;
                 }
@@ -256,37 +331,62 @@ impl Ipv4BindingMap {
         }
     }
 
+    /// Small enough to stay in a core's cache (256 KiB of buckets, about 8 k entries): lookups
+    /// then gain nothing from a prefetch pass over the burst.
+    #[inline(always)]
+    pub fn cache_resident(&self) -> bool {
+        self.mask < CACHE_RESIDENT_BUCKETS
+    }
+
     /// Looks a key up.
-    ///
-    /// Branch-light: the slot is found with a compare mask and `trailing_zeros`, not a branch per
-    /// slot — which slot of a bucket holds a key is random, so per-slot branches mispredict on
-    /// about every other frame.
     #[inline(always)]
     pub fn get(&self, key: u32) -> Option<Binding> {
+        self.find(key, self.home(key)).map(|e| e.binding())
+    }
+
+    /// Looks a key up from its [`Self::home`] bucket.
+    ///
+    /// Branch-light: one SSE2 compare of the key against a bucket's three keys and a
+    /// `trailing_zeros` of the match mask pick the slot — which slot holds a key is random, so a
+    /// branch per slot mispredicts on about every other frame.
+    #[inline(always)]
+    pub fn find(&self, key: u32, home: usize) -> Option<Entry<'_>> {
         if key == 0 {
             return None;
         }
-        let mut i = self.home(key);
-        for _ in 0..=self.max_probe {
+        let i = home & self.mask;
+        // SAFETY: `mask` is the bucket count minus one (a power of two), so `i` is in bounds.
+        let bucket = unsafe { self.buckets.get_unchecked(i) };
+        let hit = match_mask(bucket, key);
+        if hit != 0 {
+            return Some(Entry {
+                bucket,
+                slot: hit.trailing_zeros() as usize % SLOTS,
+            });
+        }
+        // Slots fill in order and nothing is ever deleted: a free slot ends the search.
+        if bucket.keys[SLOTS - 1] == 0 || self.max_probe == 0 {
+            return None;
+        }
+        self.find_overflow(key, i)
+    }
+
+    /// The rest of a probe sequence whose home bucket `i` is full and did not hold the key.
+    #[inline(never)]
+    fn find_overflow(&self, key: u32, mut i: usize) -> Option<Entry<'_>> {
+        for _ in 0..self.max_probe {
+            i = (i + 1) & self.mask;
             let bucket = &self.buckets[i];
-            let k = &bucket.keys;
-            let hit = u32::from(k[0] == key)
-                | (u32::from(k[1] == key) << 1)
-                | (u32::from(k[2] == key) << 2);
+            let hit = match_mask(bucket, key);
             if hit != 0 {
-                let s = hit.trailing_zeros() as usize % SLOTS;
-                let m = &bucket.macs[s];
-                return Some(Binding {
-                    local: MacAddr([m[0], m[1], m[2], m[3], m[4], m[5]]),
-                    global: MacAddr([m[6], m[7], m[8], m[9], m[10], m[11]]),
-                    port: bucket.ports[s],
+                return Some(Entry {
+                    bucket,
+                    slot: hit.trailing_zeros() as usize % SLOTS,
                 });
             }
-            // Slots fill in order and nothing is ever deleted: a free slot ends the search.
-            if k[SLOTS - 1] == 0 {
+            if bucket.keys[SLOTS - 1] == 0 {
                 return None;
             }
-            i = (i + 1) & self.mask;
         }
         None
     }
@@ -294,7 +394,13 @@ impl Ipv4BindingMap {
     /// Starts loading the key's bucket into cache.
     #[inline(always)]
     pub fn prefetch(&self, key: u32) {
-        let p = &self.buckets[self.home(key)] as *const Bucket;
+        self.prefetch_home(self.home(key))
+    }
+
+    /// Starts loading a [`Self::home`] bucket into cache.
+    #[inline(always)]
+    pub fn prefetch_home(&self, home: usize) {
+        let p = self.buckets.ptr.as_ptr().wrapping_add(home & self.mask);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: prefetch is a hint that never faults; `p` points into our bucket array anyway.
         unsafe {
@@ -316,17 +422,9 @@ impl Ipv4BindingMap {
 
     fn iter(&self) -> impl Iterator<Item = (u32, Binding)> + '_ {
         self.buckets.iter().flat_map(|b| {
-            (0..SLOTS).filter(move |s| b.keys[*s] != 0).map(move |s| {
-                let m = &b.macs[s];
-                (
-                    b.keys[s],
-                    Binding {
-                        local: MacAddr([m[0], m[1], m[2], m[3], m[4], m[5]]),
-                        global: MacAddr([m[6], m[7], m[8], m[9], m[10], m[11]]),
-                        port: b.ports[s],
-                    },
-                )
-            })
+            (0..SLOTS)
+                .filter(move |s| b.keys[*s] != 0)
+                .map(move |slot| (b.keys[slot], Entry { bucket: b, slot }.binding()))
         })
     }
 }

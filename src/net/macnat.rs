@@ -127,6 +127,12 @@ impl MacNatVersion {
         self.fast_v4.get(ip)
     }
 
+    /// The data path's IPv4 map (burst lookups hash once and prefetch through it).
+    #[inline(always)]
+    pub fn v4_map(&self) -> &Ipv4BindingMap {
+        &self.fast_v4
+    }
+
     /// Starts loading the cache line that [`MacNatVersion::lookup_v4`] will read for `ip`.
     #[inline(always)]
     pub fn prefetch_v4(&self, ip: u32) {

@@ -52,7 +52,11 @@ pub fn register(reg: &mut Registry, svc: Arc<ConvertService>) {
     });
     // After `bdev` (a finished conversion is saved as a file bdev) and before `vhost_blk` (a
     // controller may serve a converting disk).
-    let deps: &[&str] = if reg.has_subsystem("bdev") { &["bdev"] } else { &[] };
+    let deps: &[&str] = if reg.has_subsystem("bdev") {
+        &["bdev"]
+    } else {
+        &[]
+    };
     reg.add_subsystem("convert", deps, move || {
         svc.save()
             .into_iter()

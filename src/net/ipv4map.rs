@@ -262,7 +262,12 @@ impl Entry<'_> {
 #[derive(Clone)]
 pub struct Ipv4BindingMap {
     buckets: Buckets,
+    /// Bucket count minus one (a power of two minus one).
     mask: usize,
+    /// `mask` in bytes: home bucket offsets are `hash & off_mask`.
+    off_mask: usize,
+    /// Shifts the top bits of the 64-bit hash product into bucket-offset position.
+    shift: u32,
     mult: u64,
     /// Longest probe sequence (in buckets) any present key needs; misses stop there.
     max_probe: usize,
@@ -283,6 +288,10 @@ impl Ipv4BindingMap {
         let mut m = Ipv4BindingMap {
             buckets: Buckets::zeroed(nb),
             mask: nb - 1,
+            off_mask: (nb - 1) * std::mem::size_of::<Bucket>(),
+            // The product's top log2(nb) bits pick the bucket (a multiplicative hash's best
+            // bits), landing 6 bits up, as a byte offset.
+            shift: 64 - nb.trailing_zeros() - std::mem::size_of::<Bucket>().trailing_zeros(),
             // An odd multiplier per build: spreads structured address ranges (10.0.0.1,
             // 10.0.0.2, ...) over buckets; varying it keeps one table's layout from being
             // assumed by traffic crafted against another.
@@ -296,11 +305,12 @@ impl Ipv4BindingMap {
         m
     }
 
-    /// The key's home bucket (where its probe sequence starts); pass it to [`Self::find`] and
+    /// Where the key's probe sequence starts: the byte offset of its home bucket in the bucket
+    /// array (an offset, not an index, saves the lookup a shift). Pass it to [`Self::find`] and
     /// [`Self::prefetch_home`], so a burst hashes each key once.
     #[inline(always)]
     pub fn home(&self, key: u32) -> usize {
-        ((u64::from(key).wrapping_mul(self.mult) >> 32) as usize) & self.mask
+        ((u64::from(key).wrapping_mul(self.mult) >> self.shift) as usize) & self.off_mask
     }
 
     fn insert(&mut self, key: u32, b: Binding) {
@@ -310,7 +320,7 @@ impl Ipv4BindingMap {
             let items: Vec<(u32, Binding)> = self.iter().collect();
             *self = Self::build(items.into_iter(), (self.len + 1) * 2);
         }
-        let mut i = self.home(key);
+        let mut i = self.home(key) / std::mem::size_of::<Bucket>();
         let mut probe = 0;
         loop {
             let bucket = &mut self.buckets[i];
@@ -354,9 +364,10 @@ impl Ipv4BindingMap {
         if key == 0 {
             return None;
         }
-        let i = home & self.mask;
-        // SAFETY: `mask` is the bucket count minus one (a power of two), so `i` is in bounds.
-        let bucket = unsafe { self.buckets.get_unchecked(i) };
+        let off = home & self.off_mask;
+        // SAFETY: `off_mask` is (bucket count - 1) * bucket size with a power-of-two count, so
+        // `off` is the offset of a bucket inside the array.
+        let bucket = unsafe { &*self.buckets.ptr.as_ptr().byte_add(off) };
         let hit = match_mask(bucket, key);
         if hit != 0 {
             return Some(Entry {
@@ -368,7 +379,7 @@ impl Ipv4BindingMap {
         if bucket.keys[SLOTS - 1] == 0 || self.max_probe == 0 {
             return None;
         }
-        self.find_overflow(key, i)
+        self.find_overflow(key, off / std::mem::size_of::<Bucket>())
     }
 
     /// The rest of a probe sequence whose home bucket `i` is full and did not hold the key.
@@ -400,7 +411,11 @@ impl Ipv4BindingMap {
     /// Starts loading a [`Self::home`] bucket into cache.
     #[inline(always)]
     pub fn prefetch_home(&self, home: usize) {
-        let p = self.buckets.ptr.as_ptr().wrapping_add(home & self.mask);
+        let p = self
+            .buckets
+            .ptr
+            .as_ptr()
+            .wrapping_byte_add(home & self.off_mask);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: prefetch is a hint that never faults; `p` points into our bucket array anyway.
         unsafe {

@@ -98,13 +98,8 @@ pub const BURST: usize = 32;
 #[inline(always)]
 fn plain_ipv4(frame: &mut [u8]) -> Option<&mut [u8; 34]> {
     let h = frame.first_chunk_mut::<34>()?;
-    // Ethertype IPv4 and 0x45 (version 4, IHL 5) in one compare of bytes 12..15. Total length
-    // must at least cover the header (else BadIpv4).
-    let [t0, t1] = ETHERTYPE_IPV4;
-    if u32::from_le_bytes([h[12], h[13], h[14], h[15]]) & 0x00ff_ffff
-        != u32::from_le_bytes([t0, t1, 0x45, 0])
-        || u16::from_be_bytes([h[16], h[17]]) < 20
-    {
+    // 0x45: version 4, IHL 5. Total length must at least cover the header (else BadIpv4).
+    if h[12..14] != ETHERTYPE_IPV4 || h[14] != 0x45 || u16::from_be_bytes([h[16], h[17]]) < 20 {
         return None;
     }
     Some(h)
@@ -149,7 +144,9 @@ impl FastPath for Egress {
         if !e.local_matches(src) || self.in_port != e.port() {
             return None;
         }
-        h[6..12].copy_from_slice(e.global());
+        let g = e.global();
+        h[6..10].copy_from_slice(&g[..4]);
+        h[10..12].copy_from_slice(&g[4..]);
         Some(self.uplink)
     }
 }
@@ -213,30 +210,29 @@ fn fast_burst<P: FastPath, F: AsMut<[u8]>>(
         }
         return other;
     }
-    // Per frame `home << 32 | key`, or 0 for frames the fast path does not take (a zero key
-    // never is).
-    let mut keys = [0u64; BURST];
-    for (k, f) in keys.iter_mut().zip(frames.iter_mut()) {
+    // Per frame its key, or 0 for frames the fast path does not take (a zero key never is),
+    // and its home bucket.
+    let mut keys = [0u32; BURST];
+    let mut homes = [0usize; BURST];
+    for ((k, home), f) in keys.iter_mut().zip(homes.iter_mut()).zip(frames.iter_mut()) {
         if let Some(h) = plain_ipv4(f.as_mut()) {
             let ip = ipv4_at(h, P::KEY_AT);
             if ip != 0 && P::takes(h) {
-                let home = map.home(ip);
-                map.prefetch_home(home);
-                *k = (home as u64) << 32 | u64::from(ip);
+                *home = map.home(ip);
+                map.prefetch_home(*home);
+                *k = ip;
             }
         }
     }
-    for (i, ((f, &k), port)) in frames
+    for (i, ((f, (&k, &home)), port)) in frames
         .iter_mut()
-        .zip(keys.iter())
+        .zip(keys.iter().zip(homes.iter()))
         .zip(ports.iter_mut())
         .enumerate()
     {
         let to = match (k, f.as_mut().first_chunk_mut::<34>()) {
             (0, _) | (_, None) => None,
-            (_, Some(h)) => map
-                .find(k as u32, (k >> 32) as usize)
-                .and_then(|e| p.apply(h, e)),
+            (_, Some(h)) => map.find(k, home).and_then(|e| p.apply(h, e)),
         };
         match to {
             Some(to) if !P::ONE_PORT => *port = to,

@@ -196,3 +196,33 @@ fn version_names_dpdk() {
     let (out, _) = text(&o);
     assert!(out.contains("run") && out.contains("bench"), "{out}");
 }
+
+/// `bench macnat` runs the dataplane's own lcore loop on net_null, with a small (one-pass) and a
+/// big (prefetch-pass) table: it exits with an error unless every frame of every round was
+/// translated and sent, and prints one summary row per table size with a ratio to the swap.
+#[test]
+fn bench_macnat_translates_every_frame_and_prints_ratios() {
+    let o = hostplane()
+        .args(["bench", "macnat", "--time", "0.1", "--rounds", "2"])
+        .args(["--entries", "100,20000", "--"])
+        .args(eal("bench-macnat"))
+        .output()
+        .expect("run");
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    let summary = out
+        .split_once("summary over 2 rounds")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("no summary in:\n{out}"));
+    for entries in ["100", "20000"] {
+        let row: Vec<&str> = summary
+            .lines()
+            .find(|l| l.starts_with("macnat") && l.split_whitespace().nth(2) == Some(entries))
+            .unwrap_or_else(|| panic!("no macnat row for {entries} in:\n{out}"))
+            .split_whitespace()
+            .collect();
+        let mpps: f64 = row[3].parse().expect("Mpps");
+        let ratio: f64 = row[5].parse().expect("ratio");
+        assert!(mpps > 0.0 && ratio > 0.0 && ratio.is_finite(), "{row:?}");
+    }
+}

@@ -402,12 +402,6 @@ impl Ipv4BindingMap {
         None
     }
 
-    /// Starts loading the key's bucket into cache.
-    #[inline(always)]
-    pub fn prefetch(&self, key: u32) {
-        self.prefetch_home(self.home(key))
-    }
-
     /// Starts loading a [`Self::home`] bucket into cache.
     #[inline(always)]
     pub fn prefetch_home(&self, home: usize) {

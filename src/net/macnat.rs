@@ -121,22 +121,10 @@ impl MacNatVersion {
         }
     }
 
-    /// Lookup by IPv4 address in host order (the fast path).
-    #[inline(always)]
-    pub fn lookup_v4(&self, ip: u32) -> Option<Binding> {
-        self.fast_v4.get(ip)
-    }
-
     /// The data path's IPv4 map (burst lookups hash once and prefetch through it).
     #[inline(always)]
     pub fn v4_map(&self) -> &Ipv4BindingMap {
         &self.fast_v4
-    }
-
-    /// Starts loading the cache line that [`MacNatVersion::lookup_v4`] will read for `ip`.
-    #[inline(always)]
-    pub fn prefetch_v4(&self, ip: u32) {
-        self.fast_v4.prefetch(ip)
     }
 
     /// Lookup by the VM's local MAC (VMs without an IP yet).

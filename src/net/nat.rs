@@ -644,6 +644,31 @@ mod tests {
         ]
     }
 
+    /// A burst reported as all translated must be all translated, to that port; otherwise its
+    /// verdicts must be the frame-by-frame ones.
+    fn burst_result_is(
+        all: Option<u16>,
+        verdicts: &[Verdict; BURST],
+        want: &[Verdict],
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        match all {
+            Some(out) => {
+                let done = Verdict::Forward {
+                    port: out,
+                    translated: true,
+                };
+                prop_assert!(
+                    want.iter().all(|w| *w == done),
+                    "all translated to {}: {:?}",
+                    out,
+                    want
+                );
+            }
+            None => prop_assert_eq!(&verdicts[..want.len()], want),
+        }
+        Ok(())
+    }
+
     proptest! {
         /// A burst gets exactly the frame-by-frame decisions and rewrites, with a small table
         /// (one pass) and a big one (prefetch pass first). A burst reported as all translated
@@ -653,32 +678,19 @@ mod tests {
             let small = table();
             let t = if big { big_table() } else { &small };
             let p = policy(if fwd { Disposition::Forward } else { Disposition::Drop });
-            let n = burst.len();
             let mut v = [Verdict::Drop(DropReason::Control); BURST];
 
             let (mut a, mut b) = (burst.clone(), burst.clone());
             let all = egress_burst(&mut a, port, t, &p, &mut v);
             let want: Vec<Verdict> = b.iter_mut().map(|f| egress(f, port, t, &p)).collect();
             prop_assert_eq!(&a, &b);
-            match all {
-                Some(out) => {
-                    let done = Verdict::Forward { port: out, translated: true };
-                    prop_assert!(want.iter().all(|w| *w == done), "all translated to {}: {:?}", out, want);
-                }
-                None => prop_assert_eq!(&v[..n], &want[..]),
-            }
+            burst_result_is(all, &v, &want)?;
 
             let (mut a, mut b) = (burst.clone(), burst);
             let all = ingress_burst(&mut a, t, &p, &mut v);
             let want: Vec<Verdict> = b.iter_mut().map(|f| ingress(f, t, &p)).collect();
             prop_assert_eq!(&a, &b);
-            match all {
-                Some(out) => {
-                    let done = Verdict::Forward { port: out, translated: true };
-                    prop_assert!(want.iter().all(|w| *w == done), "all translated to {}: {:?}", out, want);
-                }
-                None => prop_assert_eq!(&v[..n], &want[..]),
-            }
+            burst_result_is(all, &v, &want)?;
         }
 
         /// The fast paths decide exactly what the general path decides, byte for byte.

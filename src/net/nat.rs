@@ -185,18 +185,78 @@ fn fast_one<P: FastPath>(p: &P, frame: &mut [u8], map: &Ipv4BindingMap) -> Optio
     p.apply(h, e)
 }
 
+/// A burst's lookups started ahead of its processing: each frame's key (0: not for the fast
+/// path) and home bucket, the buckets already being loaded into cache. Only tables that do not
+/// fit in cache gain from it; for others [`Prefetched::start`] does nothing.
+pub struct Prefetched {
+    keys: [u32; BURST],
+    homes: [usize; BURST],
+    active: bool,
+}
+
+impl Prefetched {
+    /// Nothing started: the burst functions look up as they go.
+    pub const NONE: Prefetched = Prefetched {
+        keys: [0; BURST],
+        homes: [0; BURST],
+        active: false,
+    };
+
+    /// Starts a burst's lookups (`egress`: frames from a VM; else from the uplink) when the
+    /// table is too big for the cache.
+    #[inline]
+    pub fn start<F: AsMut<[u8]>>(&mut self, frames: &mut [F], egress: bool, table: &MacNatVersion) {
+        let map = table.v4_map();
+        self.active = !map.cache_resident();
+        if self.active {
+            if egress {
+                self.gather::<Egress, F>(frames, map)
+            } else {
+                self.gather::<Ingress, F>(frames, map)
+            }
+        }
+    }
+
+    /// Whether lookups were started (the caller may do other work before finishing them).
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    #[inline(always)]
+    fn gather<P: FastPath, F: AsMut<[u8]>>(&mut self, frames: &mut [F], map: &Ipv4BindingMap) {
+        for ((k, home), f) in self
+            .keys
+            .iter_mut()
+            .zip(self.homes.iter_mut())
+            .zip(frames.iter_mut())
+        {
+            *k = 0;
+            if let Some(h) = plain_ipv4(f.as_mut()) {
+                let ip = ipv4_at(h, P::KEY_AT);
+                if ip != 0 && P::takes(h) {
+                    *home = map.home(ip);
+                    map.prefetch_home(*home);
+                    *k = ip;
+                }
+            }
+        }
+    }
+}
+
 /// The fast path over a burst (at most [`BURST`] frames). `ports[i]` is where frame `i` goes
-/// when it was translated (unless `P::ONE_PORT`: then it is not written). Returns a mask of the frames it left untouched for the general path:
-/// bit `i` for frame `i`.
+/// when it was translated (unless `P::ONE_PORT`: then it is not written). Returns a mask of the
+/// frames it left untouched for the general path: bit `i` for frame `i`.
 ///
 /// Tables that fit in cache are looked up frame by frame. Bigger ones take two passes: the
-/// first finds every frame's key and home bucket and prefetches the bucket, the second looks
-/// up and translates, so the cache misses of a burst overlap (DPDK l3fwd's bulk lookup).
+/// first finds every frame's key and home bucket and prefetches the bucket (or `pre` did that
+/// already, for these frames and this table), the second looks up and translates, so the cache
+/// misses of a burst overlap (DPDK l3fwd's bulk lookup).
 #[inline(always)]
 fn fast_burst<P: FastPath, F: AsMut<[u8]>>(
     p: &P,
     frames: &mut [F],
     map: &Ipv4BindingMap,
+    pre: &Prefetched,
     ports: &mut [u16; BURST],
 ) -> u32 {
     let mut other = 0u32;
@@ -210,23 +270,16 @@ fn fast_burst<P: FastPath, F: AsMut<[u8]>>(
         }
         return other;
     }
-    // Per frame its key, or 0 for frames the fast path does not take (a zero key never is),
-    // and its home bucket.
-    let mut keys = [0u32; BURST];
-    let mut homes = [0usize; BURST];
-    for ((k, home), f) in keys.iter_mut().zip(homes.iter_mut()).zip(frames.iter_mut()) {
-        if let Some(h) = plain_ipv4(f.as_mut()) {
-            let ip = ipv4_at(h, P::KEY_AT);
-            if ip != 0 && P::takes(h) {
-                *home = map.home(ip);
-                map.prefetch_home(*home);
-                *k = ip;
-            }
-        }
-    }
+    let mut own = Prefetched::NONE;
+    let pre = if pre.active {
+        pre
+    } else {
+        own.gather::<P, F>(frames, map);
+        &own
+    };
     for (i, ((f, (&k, &home)), port)) in frames
         .iter_mut()
-        .zip(keys.iter().zip(homes.iter()))
+        .zip(pre.keys.iter().zip(pre.homes.iter()))
         .zip(ports.iter_mut())
         .enumerate()
     {
@@ -247,13 +300,15 @@ fn fast_burst<P: FastPath, F: AsMut<[u8]>>(
 /// and rewrites (a property test checks). Returns the uplink when every frame was translated,
 /// so the caller can send the burst as it is, and leaves `verdicts` alone; otherwise
 /// `verdicts[i]` is frame `i`'s. More than [`BURST`] frames is a caller bug: the extra frames
-/// get no verdict (the dataplane drops them).
+/// get no verdict (the dataplane drops them). `pre`: [`Prefetched::NONE`], or lookups started
+/// for exactly these frames (egress) on this table version.
 #[inline]
 pub fn egress_burst<F: AsMut<[u8]>>(
     frames: &mut [F],
     in_port: u16,
     table: &MacNatVersion,
     policy: &Policy,
+    pre: &Prefetched,
     verdicts: &mut [Verdict; BURST],
 ) -> Option<u16> {
     let p = Egress {
@@ -261,7 +316,7 @@ pub fn egress_burst<F: AsMut<[u8]>>(
         uplink: policy.uplink,
     };
     let mut ports = [policy.uplink; BURST];
-    let other = fast_burst(&p, frames, table.v4_map(), &mut ports);
+    let other = fast_burst(&p, frames, table.v4_map(), pre, &mut ports);
     if other == 0 && frames.len() <= BURST {
         return Some(policy.uplink);
     }
@@ -278,10 +333,11 @@ pub fn ingress_burst<F: AsMut<[u8]>>(
     frames: &mut [F],
     table: &MacNatVersion,
     policy: &Policy,
+    pre: &Prefetched,
     verdicts: &mut [Verdict; BURST],
 ) -> Option<u16> {
     let mut ports = [0u16; BURST];
-    let other = fast_burst(&Ingress, frames, table.v4_map(), &mut ports);
+    let other = fast_burst(&Ingress, frames, table.v4_map(), pre, &mut ports);
     let n = frames.len().min(BURST);
     let first = ports[0];
     if other == 0 && frames.len() <= BURST && n > 0 && ports[..n].iter().all(|p| *p == first) {
@@ -674,20 +730,29 @@ mod tests {
         /// (one pass) and a big one (prefetch pass first). A burst reported as all translated
         /// must be all translated, to that port.
         #[test]
-        fn bursts_agree_with_frame_by_frame(burst in burst_strategy(), port in 0u16..3, fwd in any::<bool>(), big in any::<bool>()) {
+        fn bursts_agree_with_frame_by_frame(burst in burst_strategy(), port in 0u16..3, fwd in any::<bool>(), big in any::<bool>(), ahead in any::<bool>()) {
             let small = table();
             let t = if big { big_table() } else { &small };
             let p = policy(if fwd { Disposition::Forward } else { Disposition::Drop });
             let mut v = [Verdict::Drop(DropReason::Control); BURST];
 
+            // Lookups started ahead (the dataplane's pipelining) or not.
+            let mut pre = Prefetched::NONE;
             let (mut a, mut b) = (burst.clone(), burst.clone());
-            let all = egress_burst(&mut a, port, t, &p, &mut v);
+            if ahead {
+                pre.start(&mut a, true, t);
+                prop_assert_eq!(pre.is_active(), big);
+            }
+            let all = egress_burst(&mut a, port, t, &p, &pre, &mut v);
             let want: Vec<Verdict> = b.iter_mut().map(|f| egress(f, port, t, &p)).collect();
             prop_assert_eq!(&a, &b);
             burst_result_is(all, &v, &want)?;
 
             let (mut a, mut b) = (burst.clone(), burst);
-            let all = ingress_burst(&mut a, t, &p, &mut v);
+            if ahead {
+                pre.start(&mut a, false, t);
+            }
+            let all = ingress_burst(&mut a, t, &p, &pre, &mut v);
             let want: Vec<Verdict> = b.iter_mut().map(|f| ingress(f, t, &p)).collect();
             prop_assert_eq!(&a, &b);
             burst_result_is(all, &v, &want)?;

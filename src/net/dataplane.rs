@@ -94,6 +94,9 @@ impl NetLcore {
                     }
                     if depth > 1 {
                         pre.start(burst.as_mut_slice(), role == PortRole::Vm, table);
+                    } else {
+                        // Nothing started for this burst (none left over from an earlier one).
+                        pre.clear();
                     }
                 }
                 busy |= got > 0;

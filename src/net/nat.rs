@@ -217,6 +217,12 @@ impl Prefetched {
         }
     }
 
+    /// Forgets started lookups: the burst functions will look up as they go.
+    #[inline]
+    pub fn clear(&mut self) {
+        self.active = false;
+    }
+
     /// Whether lookups were started (the caller may do other work before finishing them).
     pub fn is_active(&self) -> bool {
         self.active

@@ -75,13 +75,8 @@ impl NetLcore {
                 // A table that fits in cache: one burst, looked up as it is processed.
                 // A bigger one: up to two bursts, the first one's lookups started before the
                 // second is received.
-                let depth = if table.v4_map().cache_resident() {
-                    1
-                } else {
-                    2
-                };
                 let mut got = 0;
-                for (burst, pre) in bursts.iter_mut().zip(pre.iter_mut()).take(depth) {
+                for (burst, pre) in bursts.iter_mut().zip(pre.iter_mut()) {
                     let n = rxq.rx_burst(burst);
                     if n == 0 {
                         break;
@@ -92,11 +87,10 @@ impl NetLcore {
                     if let Some(p) = c.port_rx.get(in_port as usize) {
                         p.add(n as u64);
                     }
-                    if depth > 1 {
-                        pre.start(burst.as_mut_slice(), role == PortRole::Vm, table);
-                    } else {
-                        // Nothing started for this burst (none left over from an earlier one).
-                        pre.clear();
+                    // Starts nothing (and forgets an earlier burst's) when the table fits in cache.
+                    pre.start(burst.as_mut_slice(), role == PortRole::Vm, table);
+                    if !pre.is_active() {
+                        break;
                     }
                 }
                 busy |= got > 0;

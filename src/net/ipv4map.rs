@@ -218,7 +218,17 @@ pub struct Entry<'a> {
     slot: usize,
 }
 
-impl Entry<'_> {
+impl<'a> Entry<'a> {
+    /// The slot of `bucket` holding `key`, if one does.
+    #[inline(always)]
+    fn in_bucket(bucket: &'a Bucket, key: u32) -> Option<Entry<'a>> {
+        let hit = match_mask(bucket, key);
+        (hit != 0).then(|| Entry {
+            bucket,
+            slot: hit.trailing_zeros() as usize % SLOTS,
+        })
+    }
+
     /// The VM's local MAC.
     #[inline(always)]
     pub fn local(&self) -> &[u8; 6] {
@@ -368,12 +378,8 @@ impl Ipv4BindingMap {
         // SAFETY: `off_mask` is (bucket count - 1) * bucket size with a power-of-two count, so
         // `off` is the offset of a bucket inside the array.
         let bucket = unsafe { &*self.buckets.ptr.as_ptr().byte_add(off) };
-        let hit = match_mask(bucket, key);
-        if hit != 0 {
-            return Some(Entry {
-                bucket,
-                slot: hit.trailing_zeros() as usize % SLOTS,
-            });
+        if let Some(e) = Entry::in_bucket(bucket, key) {
+            return Some(e);
         }
         // Slots fill in order and nothing is ever deleted: a free slot ends the search.
         if bucket.keys[SLOTS - 1] == 0 || self.max_probe == 0 {
@@ -388,12 +394,8 @@ impl Ipv4BindingMap {
         for _ in 0..self.max_probe {
             i = (i + 1) & self.mask;
             let bucket = &self.buckets[i];
-            let hit = match_mask(bucket, key);
-            if hit != 0 {
-                return Some(Entry {
-                    bucket,
-                    slot: hit.trailing_zeros() as usize % SLOTS,
-                });
+            if let Some(e) = Entry::in_bucket(bucket, key) {
+                return Some(e);
             }
             if bucket.keys[SLOTS - 1] == 0 {
                 return None;

@@ -114,9 +114,6 @@ fn ipv4_at(h: &[u8; 34], off: usize) -> u32 {
 trait FastPath {
     /// Offset of the IPv4 address that is the key (source for egress, destination for ingress).
     const KEY_AT: usize;
-    /// Every translated frame goes to the same port (egress: the uplink), so the burst need not
-    /// record each frame's.
-    const ONE_PORT: bool;
     /// Whether the fast path takes this plain IPv4 frame with this (non-zero) key.
     fn takes(h: &[u8; 34]) -> bool;
     /// Checks and rewrites a frame whose key was found; `None` (frame untouched) sends it to
@@ -132,7 +129,6 @@ struct Egress {
 
 impl FastPath for Egress {
     const KEY_AT: usize = 26;
-    const ONE_PORT: bool = true;
     #[inline(always)]
     fn takes(_: &[u8; 34]) -> bool {
         true
@@ -156,7 +152,6 @@ struct Ingress;
 
 impl FastPath for Ingress {
     const KEY_AT: usize = 30;
-    const ONE_PORT: bool = false;
     /// Only towards a unicast MAC: broadcast and multicast are never translated.
     #[inline(always)]
     fn takes(h: &[u8; 34]) -> bool {
@@ -176,13 +171,18 @@ impl FastPath for Ingress {
 /// checks is translated; returns its output port. `None` leaves the frame untouched.
 #[inline(always)]
 fn fast_one<P: FastPath>(p: &P, frame: &mut [u8], map: &Ipv4BindingMap) -> Option<u16> {
-    let h = plain_ipv4(frame)?;
-    let key = ipv4_at(h, P::KEY_AT);
-    if key == 0 || !P::takes(h) {
-        return None;
-    }
+    let (h, key) = fast_key::<P>(frame)?;
     let e = map.find(key, map.home(key))?;
     p.apply(h, e)
+}
+
+/// A frame the fast path takes (plain IPv4, the direction's own condition, a non-zero key): its
+/// first 34 bytes and its key.
+#[inline(always)]
+fn fast_key<P: FastPath>(frame: &mut [u8]) -> Option<(&mut [u8; 34], u32)> {
+    let h = plain_ipv4(frame)?;
+    let key = ipv4_at(h, P::KEY_AT);
+    (key != 0 && P::takes(h)).then_some((h, key))
 }
 
 /// A burst's lookups started ahead of its processing: each frame's key (0: not for the fast
@@ -203,7 +203,7 @@ impl Prefetched {
     };
 
     /// Starts a burst's lookups (`egress`: frames from a VM; else from the uplink) when the
-    /// table is too big for the cache.
+    /// table is too big for the cache; otherwise leaves nothing started.
     #[inline]
     pub fn start<F: AsMut<[u8]>>(&mut self, frames: &mut [F], egress: bool, table: &MacNatVersion) {
         let map = table.v4_map();
@@ -215,12 +215,6 @@ impl Prefetched {
                 self.gather::<Ingress, F>(frames, map)
             }
         }
-    }
-
-    /// Forgets started lookups: the burst functions will look up as they go.
-    #[inline]
-    pub fn clear(&mut self) {
-        self.active = false;
     }
 
     /// Whether lookups were started (the caller may do other work before finishing them).
@@ -237,21 +231,18 @@ impl Prefetched {
             .zip(frames.iter_mut())
         {
             *k = 0;
-            if let Some(h) = plain_ipv4(f.as_mut()) {
-                let ip = ipv4_at(h, P::KEY_AT);
-                if ip != 0 && P::takes(h) {
-                    *home = map.home(ip);
-                    map.prefetch_home(*home);
-                    *k = ip;
-                }
+            if let Some((_, key)) = fast_key::<P>(f.as_mut()) {
+                *home = map.home(key);
+                map.prefetch_home(*home);
+                *k = key;
             }
         }
     }
 }
 
 /// The fast path over a burst (at most [`BURST`] frames). `ports[i]` is where frame `i` goes
-/// when it was translated (unless `P::ONE_PORT`: then it is not written). Returns a mask of the
-/// frames it left untouched for the general path: bit `i` for frame `i`.
+/// when it was translated. Returns a mask of the frames it left untouched for the general path:
+/// bit `i` for frame `i`.
 ///
 /// Tables that fit in cache are looked up frame by frame. Bigger ones take two passes: the
 /// first finds every frame's key and home bucket and prefetches the bucket (or `pre` did that
@@ -269,8 +260,7 @@ fn fast_burst<P: FastPath, F: AsMut<[u8]>>(
     if map.cache_resident() {
         for (i, (f, port)) in frames.iter_mut().zip(ports.iter_mut()).enumerate() {
             match fast_one(p, f.as_mut(), map) {
-                Some(to) if !P::ONE_PORT => *port = to,
-                Some(_) => {}
+                Some(to) => *port = to,
                 None => other |= 1 << i,
             }
         }
@@ -294,8 +284,7 @@ fn fast_burst<P: FastPath, F: AsMut<[u8]>>(
             (_, Some(h)) => map.find(k, home).and_then(|e| p.apply(h, e)),
         };
         match to {
-            Some(to) if !P::ONE_PORT => *port = to,
-            Some(_) => {}
+            Some(to) => *port = to,
             None => other |= 1 << i,
         }
     }
@@ -321,7 +310,7 @@ pub fn egress_burst<F: AsMut<[u8]>>(
         in_port,
         uplink: policy.uplink,
     };
-    let mut ports = [policy.uplink; BURST];
+    let mut ports = [0u16; BURST];
     let other = fast_burst(&p, frames, table.v4_map(), pre, &mut ports);
     if other == 0 && frames.len() <= BURST {
         return Some(policy.uplink);

@@ -11,7 +11,7 @@ use crate::cli::BenchMacnatArgs;
 use crate::env::ethdev::{RxQueue, TxQueue};
 use crate::env::{lcore, tsc_hz, Eal, EthPort, Mbuf, MbufBurst, Mempool, PortConfig};
 use crate::net::dataplane::{NetLcore, PortRole};
-use crate::net::macnat::{MacNatEntry, MacNatTable};
+use crate::net::macnat::{MacNatEntry, MacNatReader, MacNatTable};
 use crate::net::nat::{Disposition, Policy};
 use crate::net::packet::{IpKey, MacAddr};
 use crate::net::stats::LcoreCounters;
@@ -55,29 +55,83 @@ fn index_sequence(entries: u32, len: usize) -> Vec<u32> {
         .collect()
 }
 
-#[inline(always)]
-fn fill(frame: &mut [u8], template: &[u8; 64], idx: u32) {
-    if frame.len() < 64 {
-        return;
+/// The frame the "NIC" writes, as four 16-byte words, with the per-frame fields (bytes 8..12 of
+/// the source MAC, the source IP at 26..30) zeroed.
+#[derive(Clone, Copy)]
+struct FrameWords([[u8; 16]; 4]);
+
+impl FrameWords {
+    fn new(frame: &[u8; 64]) -> FrameWords {
+        let mut f = *frame;
+        f[8..12].fill(0);
+        f[26..30].fill(0);
+        let mut w = [[0u8; 16]; 4];
+        for (w, c) in w.iter_mut().zip(f.chunks_exact(16)) {
+            w.copy_from_slice(c);
+        }
+        FrameWords(w)
     }
-    frame[..42].copy_from_slice(&template[..42]);
-    frame[6..12].copy_from_slice(&entry_local(idx).0);
-    frame[26..30].copy_from_slice(&entry_ip(idx).to_be_bytes());
 }
 
-#[allow(clippy::too_many_arguments)]
-fn worker(
-    q: Queues,
-    mode: Mode,
-    table: Option<crate::net::macnat::MacNatReader>,
-    policy: Policy,
+/// Writes frame `idx` (source MAC and IP of table entry `idx`) into `frame` the way a NIC's DMA
+/// does, as whole words: four 16-byte stores. (Field by field stores would make every later load
+/// of a field that spans two of them wait for the store buffer to drain, since a load is only
+/// forwarded from a single store: a cost of this stand-in for the NIC that a NIC-fed dataplane
+/// never pays, and one that falls on whichever mode's loads happen to span stores.)
+#[inline(always)]
+fn fill(frame: &mut [u8], words: &FrameWords, idx: u32) {
+    let Some(frame) = frame.get_mut(..64) else {
+        return;
+    };
+    let mac = u64::from(u32::from_ne_bytes(idx.to_be_bytes()));
+    let ip = u64::from(u32::from_ne_bytes(entry_ip(idx).to_be_bytes())) << 16;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_loadu_si128, _mm_or_si128, _mm_set_epi64x, _mm_storeu_si128,
+        };
+        let p = frame.as_mut_ptr().cast::<__m128i>();
+        let w = &words.0;
+        // SAFETY: SSE2 is part of x86_64. The loads read the four 16-byte arrays of `words`; the
+        // stores write `frame`'s first 64 bytes, which `get_mut(..64)` proved exist (unaligned
+        // access allowed by loadu/storeu).
+        unsafe {
+            let w0 = _mm_or_si128(
+                _mm_loadu_si128(w[0].as_ptr().cast()),
+                _mm_set_epi64x(mac as i64, 0),
+            );
+            let w1 = _mm_or_si128(
+                _mm_loadu_si128(w[1].as_ptr().cast()),
+                _mm_set_epi64x(ip as i64, 0),
+            );
+            _mm_storeu_si128(p, w0);
+            _mm_storeu_si128(p.add(1), w1);
+            _mm_storeu_si128(p.add(2), _mm_loadu_si128(w[2].as_ptr().cast()));
+            _mm_storeu_si128(p.add(3), _mm_loadu_si128(w[3].as_ptr().cast()));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut f = [0u8; 64];
+        for (c, w) in f.chunks_exact_mut(16).zip(&words.0) {
+            c.copy_from_slice(w);
+        }
+        f[8..12].copy_from_slice(&idx.to_be_bytes());
+        f[26..30].copy_from_slice(&entry_ip(idx).to_be_bytes());
+        frame.copy_from_slice(&f);
+    }
+}
+
+/// The stand-in for the NIC: writes the frame of the next table entry of a sequence into each
+/// received mbuf. Every mode of a comparison gets the same `Nic` work.
+struct Nic {
+    words: FrameWords,
     seq: Arc<Vec<u32>>,
-    offset: usize,
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    back: mpsc::Sender<Queues>,
-) -> i32 {
-    let template: [u8; 64] = {
+    pos: usize,
+}
+
+impl Nic {
+    fn new(seq: Arc<Vec<u32>>, offset: usize) -> Nic {
         let f = crate::net::frames::ipv4_udp(
             MacAddr([2, 0, 0, 0, 0, 0xfe]),
             entry_local(0),
@@ -87,66 +141,135 @@ fn worker(
         );
         let mut t = [0u8; 64];
         t.copy_from_slice(&f[..64]);
-        t
-    };
-    let mut pos = offset % seq.len().max(1);
-    // The "NIC" writes each frame (same cost in both modes: the closure works on locals, so
-    // it compiles to the same loop whether it is called here or from inside the dataplane).
-    let mut nic = |frames: &mut [Mbuf]| {
-        let (seq, mut p) = (&seq[..], pos);
+        Nic {
+            words: FrameWords::new(&t),
+            pos: offset % seq.len().max(1),
+            seq,
+        }
+    }
+
+    #[inline(always)]
+    fn write(&mut self, frames: &mut [Mbuf]) {
+        let (seq, mut p) = (&self.seq[..], self.pos);
         for m in frames {
             if let Some(&idx) = seq.get(p) {
-                fill(m.data_mut(), &template, idx);
+                fill(m.data_mut(), &self.words, idx);
             }
             p = if p + 1 >= seq.len() { 0 } else { p + 1 };
         }
-        pos = p;
+        self.pos = p;
+    }
+}
+
+/// testpmd's macswap: swap in place, send the burst, free what the driver refused. Polls while
+/// `more()` says so; returns the frames sent. Not inlined, like [`nat_loop`]: each mode's code
+/// is its own function, for profilers.
+#[inline(never)]
+fn swap_loop(q: &mut Queues, nic: &mut Nic, mut more: impl FnMut() -> bool) -> u64 {
+    let mut rxb = MbufBurst::new();
+    let mut sent: u64 = 0;
+    while more() {
+        if q.rx.rx_burst(&mut rxb) == 0 {
+            continue;
+        }
+        nic.write(rxb.as_mut_slice());
+        for m in rxb.as_mut_slice() {
+            let d = m.data_mut();
+            if d.len() >= 12 {
+                let mut tmp = [0u8; 6];
+                tmp.copy_from_slice(&d[0..6]);
+                d.copy_within(6..12, 0);
+                d[6..12].copy_from_slice(&tmp);
+            }
+        }
+        sent += q.tx.tx_burst(&mut rxb) as u64;
+        rxb.drop_all();
+    }
+    sent
+}
+
+/// What a MAC-NAT run hands back: the queues and table reader, for the next run.
+struct NatRun {
+    q: Queues,
+    reader: MacNatReader,
+    /// Frames sent.
+    sent: u64,
+    /// Every frame received was translated and sent (the bench's setup check).
+    all_translated: bool,
+}
+
+/// The dataplane's own lcore loop on a VM-side port whose frames leave on the uplink, until
+/// `stop` is set, or after `bursts` received bursts (it then sets `stop` itself). None if the
+/// lcore did not give its queues back (a bug).
+#[inline(never)]
+fn nat_loop(
+    q: Queues,
+    reader: MacNatReader,
+    policy: Policy,
+    nic: &mut Nic,
+    stop: &AtomicBool,
+    bursts: Option<u64>,
+) -> Option<NatRun> {
+    let out_port = q.tx.port();
+    let mut tx: Vec<Option<TxQueue>> = (0..out_port).map(|_| None).collect();
+    tx.push(Some(q.tx));
+    let mut lcore = NetLcore {
+        rx: vec![(q.rx, PortRole::Vm)],
+        tx,
+        policy,
+        table: reader,
+        counters: Arc::new(LcoreCounters::default()),
     };
+    let mut left = bursts.unwrap_or(u64::MAX);
+    lcore.run_with(stop, |frames| {
+        nic.write(frames);
+        left -= 1;
+        if left == 0 {
+            stop.store(true, Ordering::Relaxed);
+        }
+    });
+    let c = lcore.counters.snapshot();
+    let all_translated =
+        c.egress_translated == c.rx && c.tx == c.rx && c.drops.iter().all(|(_, d)| *d == 0);
+    let NetLcore {
+        mut rx,
+        mut tx,
+        table,
+        ..
+    } = lcore;
+    let (Some((rx, _)), Some(Some(tx))) = (rx.pop(), tx.pop()) else {
+        return None;
+    };
+    Some(NatRun {
+        q: Queues { rx, tx },
+        reader: table,
+        sent: c.tx,
+        all_translated,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    mut q: Queues,
+    mode: Mode,
+    table: Option<MacNatReader>,
+    policy: Policy,
+    seq: Arc<Vec<u32>>,
+    offset: usize,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    back: mpsc::Sender<Queues>,
+) -> i32 {
+    let mut nic = Nic::new(seq, offset);
     let (q, sent, ok) = match (mode, table) {
         (Mode::MacNat, Some(reader)) => {
-            // The dataplane's own lcore loop, on a VM-side port whose frames leave on the uplink.
-            let out_port = q.tx.port();
-            let mut tx: Vec<Option<TxQueue>> = (0..out_port).map(|_| None).collect();
-            tx.push(Some(q.tx));
-            let mut lcore = NetLcore {
-                rx: vec![(q.rx, PortRole::Vm)],
-                tx,
-                policy,
-                table: reader,
-                counters: Arc::new(LcoreCounters::default()),
-            };
-            lcore.run_with(&stop, &mut nic);
-            let c = lcore.counters.snapshot();
-            // Every frame must have been translated and sent (bench setup check).
-            let ok =
-                c.egress_translated == c.rx && c.tx == c.rx && c.drops.iter().all(|(_, d)| *d == 0);
-            let (Some((rx, _)), Some(Some(tx))) = (lcore.rx.pop(), lcore.tx.pop()) else {
+            let Some(run) = nat_loop(q, reader, policy, &mut nic, &stop, None) else {
                 return 1;
             };
-            (Queues { rx, tx }, c.tx, ok)
+            (run.q, run.sent, run.all_translated)
         }
         _ => {
-            // testpmd's macswap: swap in place, send the burst, free what the driver refused.
-            let mut q = q;
-            let mut rxb = MbufBurst::new();
-            let mut sent: u64 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                if q.rx.rx_burst(&mut rxb) == 0 {
-                    continue;
-                }
-                nic(rxb.as_mut_slice());
-                for m in rxb.as_mut_slice() {
-                    let d = m.data_mut();
-                    if d.len() >= 12 {
-                        let mut tmp = [0u8; 6];
-                        tmp.copy_from_slice(&d[0..6]);
-                        d.copy_within(6..12, 0);
-                        d[6..12].copy_from_slice(&tmp);
-                    }
-                }
-                sent += q.tx.tx_burst(&mut rxb) as u64;
-                rxb.drop_all();
-            }
+            let sent = swap_loop(&mut q, &mut nic, || !stop.load(Ordering::Relaxed));
             (q, sent, true)
         }
     };
@@ -157,6 +280,63 @@ fn worker(
     } else {
         1
     }
+}
+
+/// Per table: cycles per frame of each swap slice and of the MAC-NAT slice run right after it.
+type SlicePairs = Vec<Vec<(f64, f64)>>;
+
+/// One lcore alternating, for each table in turn, `slice` bursts of the swap and `slice` bursts
+/// of MAC-NAT, both fed by the same `Nic` stream, until `secs` have passed. Neighbours' noise
+/// changes slowly next to a slice (about a millisecond), so the two halves of a pair see the
+/// same machine.
+fn interleaved_worker(
+    mut q: Queues,
+    readers: Vec<MacNatReader>,
+    policy: Policy,
+    seqs: Vec<Arc<Vec<u32>>>,
+    secs: f64,
+    slice: u64,
+) -> (Option<Queues>, Result<SlicePairs, String>) {
+    let mut nics: Vec<Nic> = seqs.into_iter().map(|s| Nic::new(s, 0)).collect();
+    let mut readers: Vec<Option<MacNatReader>> = readers.into_iter().map(Some).collect();
+    let mut pairs: SlicePairs = vec![Vec::new(); nics.len()];
+    let hz = tsc_hz() as f64;
+    let end = crate::env::tsc() + (secs * hz) as u64;
+    while crate::env::tsc() < end {
+        for ((nic, reader), pairs) in nics
+            .iter_mut()
+            .zip(readers.iter_mut())
+            .zip(pairs.iter_mut())
+        {
+            let mut left = slice;
+            let t0 = crate::env::tsc();
+            let sent = swap_loop(&mut q, nic, || {
+                left -= 1;
+                left > 0
+            });
+            let swap = (crate::env::tsc() - t0) as f64 / sent.max(1) as f64;
+            let stop = AtomicBool::new(false);
+            // The reader moves into the lcore and back.
+            let Some(r) = reader.take() else {
+                return (Some(q), Err("a table reader went missing".into()));
+            };
+            let t0 = crate::env::tsc();
+            let Some(run) = nat_loop(q, r, policy, nic, &stop, Some(slice)) else {
+                return (None, Err("the net lcore kept its queues".into()));
+            };
+            let nat = (crate::env::tsc() - t0) as f64 / run.sent.max(1) as f64;
+            q = run.q;
+            *reader = Some(run.reader);
+            if !run.all_translated {
+                return (
+                    Some(q),
+                    Err("MAC-NAT saw frames it did not translate (bench setup is wrong)".into()),
+                );
+            }
+            pairs.push((swap, nat));
+        }
+    }
+    (Some(q), Ok(pairs))
 }
 
 /// Cycles per read of a random 64 B line from a `bytes`-sized table (2 MiB aligned, transparent
@@ -376,22 +556,10 @@ pub fn macnat(args: &BenchMacnatArgs) -> Result<(), Error> {
         control: Disposition::Drop,
     };
     println!(
-        "bench macnat: net_null -> net_null, 64 B Ethernet/IPv4/UDP, bursts of 32, {}, TSC {:.2} GHz, {} s per run",
+        "bench macnat: net_null -> net_null, 64 B Ethernet/IPv4/UDP, bursts of 32, {}, TSC {:.2} GHz",
         if hp { "hugepages" } else { "no hugepages (--no-huge: expect ~2x lower absolute numbers)" },
         tsc_hz() as f64 / 1e9,
-        args.time
     );
-    println!(
-        "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9}",
-        "mode", "lcores", "entries", "Mpps", "cycles/pkt", "ratio"
-    );
-    let rounds = args.rounds.max(1);
-    let mut summary: Vec<Series> = Vec::new();
-    let lcore_sets: Vec<Vec<u32>> = if args.scaling {
-        vec![workers[..1].to_vec(), workers[..2].to_vec()]
-    } else {
-        vec![workers[..1].to_vec()]
-    };
     let mut tables = Vec::new();
     for &n in &args.entries {
         let n32 = u32::try_from(n).map_err(|_| "entries too large")?.max(1);
@@ -407,31 +575,87 @@ pub fn macnat(args: &BenchMacnatArgs) -> Result<(), Error> {
         let seq = Arc::new(index_sequence(n32, (n32 as usize).clamp(4096, 1 << 20)));
         tables.push((n, table, seq));
     }
+    let costs = interleaved(workers[0], &mut queues, &tables, policy, args)?;
+    if args.scaling {
+        scaling(&workers, &mut queues, &tables, policy, args)?;
+    }
+    // The memory floor, on the first worker's CPU, for the largest table measured.
+    if let Some(&n) = args.entries.iter().max().filter(|&&n| n >= 100_000) {
+        let ours = (n * 3 / 2 / 3).next_power_of_two() * 64;
+        // The least any table of n entries could be: the two MACs of each, 12 bytes.
+        let least = n * 12;
+        let (tx, rx) = mpsc::channel();
+        let h = lcore::launch(workers[0], move || {
+            let _ = tx.send((memory_probe(ours), memory_probe(least)));
+            0
+        })?;
+        let _ = h.join();
+        if let Ok(((cold, hot), (lcold, lhot))) = rx.recv() {
+            println!(
+                "memory probe: a random 64 B line, prefetched 16 ahead, costs {cold:.1} cycles from a {:.0} MiB table (the bucket array of {n} entries) and {lcold:.1} from a {:.0} MiB one ({n} x 12 B: the MACs alone, the least any table could hold), against {:.1} from a cached 16 KiB one",
+                ours as f64 / 1048576.0,
+                least as f64 / 1048576.0,
+                hot.min(lhot)
+            );
+            let floor = lcold - lhot;
+            let big = costs.iter().find(|c| c.entries == n);
+            let small = costs
+                .iter()
+                .filter(|c| c.entries <= 8192)
+                .min_by_key(|c| c.entries);
+            if let (Some(big), Some(small)) = (big, small) {
+                // Cycles over the swap that a ratio of 0.8 allows, and what MAC-NAT needs
+                // before memory: its cost over the swap with a cached table.
+                let budget = big.swap / 0.8 - big.swap;
+                let need = (small.nat - small.swap) + floor;
+                println!(
+                    "0.8 x the swap at {n} entries allows {budget:.1} cycles/frame over the swap; MAC-NAT at {} entries takes {:.1} over it with no memory cost, plus at least {floor:.1} for a line of even the least table: {need:.1}, {}",
+                    small.entries,
+                    small.nat - small.swap,
+                    if need > budget {
+                        "beyond the budget on this machine"
+                    } else {
+                        "within the budget"
+                    }
+                );
+            }
+        }
+    }
+    rx_port.stop()?;
+    tx_port.stop()?;
+    drop(eal);
+    Ok(())
+}
+
+/// Separate runs of each mode on one lcore and on two, in rounds: Mpps per mode and lcore count,
+/// and what a second lcore adds.
+fn scaling(
+    workers: &[u32],
+    queues: &mut Vec<Queues>,
+    tables: &[(usize, MacNatTable, Arc<Vec<u32>>)],
+    policy: Policy,
+    args: &BenchMacnatArgs,
+) -> Result<(), Error> {
+    let rounds = args.rounds.max(1);
+    let secs = args.time / rounds as f64;
+    let lcore_sets: Vec<Vec<u32>> = vec![workers[..1].to_vec(), workers[..2].to_vec()];
+    println!(
+        "scaling: {rounds} rounds of separate {secs:.2} s runs of each mode on 1 and on 2 lcores"
+    );
+    println!(
+        "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9}",
+        "mode", "lcores", "entries", "Mpps", "cycles/pkt", "ratio"
+    );
+    let mut summary: Vec<Series> = Vec::new();
     let seq1 = Arc::new(index_sequence(1, 1));
     for lcs in &lcore_sets {
         let mut swaps = Vec::new();
         let mut nats: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); tables.len()];
         for round in 0..rounds {
-            let s = measure(
-                lcs,
-                &mut queues,
-                Mode::MacSwap,
-                None,
-                policy,
-                &seq1,
-                args.time,
-            )?;
+            let s = measure(lcs, queues, Mode::MacSwap, None, policy, &seq1, secs)?;
             print_row(round, "macswap", lcs.len(), None, &s, None);
             for ((n, table, seq), (mpps, ratios)) in tables.iter().zip(nats.iter_mut()) {
-                let m = measure(
-                    lcs,
-                    &mut queues,
-                    Mode::MacNat,
-                    Some(table),
-                    policy,
-                    seq,
-                    args.time,
-                )?;
+                let m = measure(lcs, queues, Mode::MacNat, Some(table), policy, seq, secs)?;
                 let ratio = m.mpps / s.mpps.max(1e-9);
                 print_row(round, "macnat", lcs.len(), Some(*n), &m, Some(ratio));
                 mpps.push(m.mpps);
@@ -509,7 +733,7 @@ pub fn macnat(args: &BenchMacnatArgs) -> Result<(), Error> {
             b / swap_best
         );
     }
-    if args.scaling {
+    {
         for two in summary.iter().filter(|r| r.lcores == 2) {
             if let Some(one) = summary
                 .iter()
@@ -528,26 +752,111 @@ pub fn macnat(args: &BenchMacnatArgs) -> Result<(), Error> {
             }
         }
     }
-    // The memory floor, on the first worker's CPU, for the largest table measured.
-    if let Some(&n) = args.entries.iter().max().filter(|&&n| n >= 100_000) {
-        let bytes = (n * 3 / 2 / 3).next_power_of_two() * 64;
-        let (tx, rx) = mpsc::channel();
-        let h = lcore::launch(workers[0], move || {
-            let _ = tx.send(memory_probe(bytes));
-            0
-        })?;
-        let _ = h.join();
-        if let Ok((cold, hot)) = rx.recv() {
-            println!(
-                "memory probe: random 64 B lines from a {} MiB table (the bucket array of {n} entries), prefetched {} ahead: {cold:.1} cycles/read vs {hot:.1} from cache: memory adds {:.1} cycles per lookup at best",
-                bytes >> 20,
-                16,
-                cold - hot
-            );
-        }
-    }
-    rx_port.stop()?;
-    tx_port.stop()?;
-    drop(eal);
     Ok(())
+}
+
+/// The `p`-quantile (0..=1) of `v`, by nearest rank.
+fn quantile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => f64::NAN,
+        n => s[((n - 1) as f64 * p).round() as usize],
+    }
+}
+
+/// The one-lcore comparison: swap and MAC-NAT alternate on one lcore in slices (see
+/// [`interleaved_worker`]); prints each mode's median cycles/frame and Mpps, and the ratio
+/// MAC-NAT / swap of each pair: its median and its 10th–90th percentiles.
+fn interleaved(
+    lcore_id: u32,
+    queues: &mut Vec<Queues>,
+    tables: &[(usize, MacNatTable, Arc<Vec<u32>>)],
+    policy: Policy,
+    args: &BenchMacnatArgs,
+) -> Result<Vec<Costs>, Error> {
+    let q = queues.remove(0);
+    let readers = tables
+        .iter()
+        .map(|(_, t, _)| t.reader(0).ok_or("reader slot"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let seqs: Vec<_> = tables.iter().map(|(_, _, s)| s.clone()).collect();
+    let (secs, slice) = (args.time, args.slice.max(1));
+    let (tx, rx) = mpsc::channel();
+    let h = lcore::launch(lcore_id, move || {
+        let _ = tx.send(interleaved_worker(q, readers, policy, seqs, secs, slice));
+        0
+    })?;
+    let _ = h.join();
+    let (q, pairs) = rx.recv().map_err(|_| "the bench lcore died")?;
+    queues.extend(q);
+    let pairs = pairs?;
+    let hz = tsc_hz() as f64;
+    println!(
+        "one lcore, {secs} s: the swap and MAC-NAT alternate every {slice} bursts, each pair fed the same frames; Mpps, cycles/pkt: medians over the slices; ratio: median over the pairs of MAC-NAT Mpps / swap Mpps, and its 10th-90th percentiles; quiet: each mode's fastest tenth of slices (10th percentile of cycles/pkt), the least disturbed by neighbours, and their ratio"
+    );
+    println!(
+        "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9} {:>15} {:>8} {:>11} {:>11}",
+        "mode",
+        "lcores",
+        "entries",
+        "Mpps",
+        "cycles/pkt",
+        "ratio",
+        "ratio p10-p90",
+        "pairs",
+        "quiet cyc",
+        "quiet ratio"
+    );
+    let mut costs = Vec::new();
+    for ((n, _, _), pairs) in tables.iter().zip(&pairs) {
+        let swap: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+        let nat: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+        let ratios: Vec<f64> = pairs.iter().map(|(s, m)| s / m.max(1e-9)).collect();
+        let (cs, cn) = (median(&swap), median(&nat));
+        let (qs, qn) = (quantile(&swap, 0.1), quantile(&nat, 0.1));
+        println!(
+            "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9} {:>15} {:>8} {:>11.1} {:>11}",
+            "macswap",
+            1,
+            n,
+            hz / cs.max(1e-9) / 1e6,
+            cs,
+            "1.00",
+            "",
+            pairs.len(),
+            qs,
+            "1.00"
+        );
+        println!(
+            "{:<10} {:>8} {:>10} {:>11.2} {:>14.1} {:>9.3} {:>15} {:>8} {:>11.1} {:>11.3}",
+            "macnat",
+            1,
+            n,
+            hz / cn.max(1e-9) / 1e6,
+            cn,
+            median(&ratios),
+            format!(
+                "{:.3}-{:.3}",
+                quantile(&ratios, 0.1),
+                quantile(&ratios, 0.9)
+            ),
+            pairs.len(),
+            qn,
+            qs / qn.max(1e-9)
+        );
+        costs.push(Costs {
+            entries: *n,
+            swap: cs,
+            nat: cn,
+        });
+    }
+    Ok(costs)
+}
+
+/// Median cycles per frame of the swap and of MAC-NAT at one table size, one lcore.
+struct Costs {
+    entries: usize,
+    swap: f64,
+    nat: f64,
 }

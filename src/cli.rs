@@ -294,11 +294,14 @@ pub struct BenchBdevArgs {
 /// `hostplane bench macnat`.
 #[derive(Args, Debug)]
 pub struct BenchMacnatArgs {
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 1.0)]
+    /// Seconds of the one-lcore comparison (and of each lcore count with --scaling).
+    #[arg(long, default_value_t = 5.0)]
     pub time: f64,
-    /// Rounds of (swap, MAC-NAT at each size), interleaved so that a noisy neighbour hits both;
-    /// the ratio printed is the median of the rounds' ratios.
+    /// Bursts per slice: on one lcore the swap and MAC-NAT alternate every this many bursts, so
+    /// that a noisy neighbour hits both halves of a pair alike.
+    #[arg(long, default_value_t = 2048)]
+    pub slice: u64,
+    /// With --scaling: rounds of separate runs of each mode on 1 and on 2 lcores.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Table sizes to measure.

@@ -198,31 +198,44 @@ fn version_names_dpdk() {
 }
 
 /// `bench macnat` runs the dataplane's own lcore loop on net_null, with a small (one-pass) and a
-/// big (prefetch-pass) table: it exits with an error unless every frame of every round was
-/// translated and sent, and prints one summary row per table size with a ratio to the swap.
+/// big (prefetch-pass) table, alternating with the swap: it exits with an error unless every
+/// frame of every slice was translated and sent, and prints per table size a swap row and a
+/// MAC-NAT row with the median ratio and its spread.
 #[test]
 fn bench_macnat_translates_every_frame_and_prints_ratios() {
     let o = hostplane()
-        .args(["bench", "macnat", "--time", "0.1", "--rounds", "2"])
+        .args(["bench", "macnat", "--time", "0.3", "--slice", "64"])
         .args(["--entries", "100,20000", "--"])
         .args(eal("bench-macnat"))
         .output()
         .expect("run");
     let (out, err) = text(&o);
     assert!(o.status.success(), "{out}\n{err}");
-    let summary = out
-        .split_once("summary over 2 rounds")
+    let table = out
+        .split_once("alternate every 64 bursts")
         .map(|(_, s)| s)
-        .unwrap_or_else(|| panic!("no summary in:\n{out}"));
+        .unwrap_or_else(|| panic!("no interleaved table in:\n{out}"));
     for entries in ["100", "20000"] {
-        let row: Vec<&str> = summary
-            .lines()
-            .find(|l| l.starts_with("macnat") && l.split_whitespace().nth(2) == Some(entries))
-            .unwrap_or_else(|| panic!("no macnat row for {entries} in:\n{out}"))
-            .split_whitespace()
-            .collect();
-        let mpps: f64 = row[3].parse().expect("Mpps");
-        let ratio: f64 = row[5].parse().expect("ratio");
-        assert!(mpps > 0.0 && ratio > 0.0 && ratio.is_finite(), "{row:?}");
+        let row = |mode: &str| -> Vec<String> {
+            table
+                .lines()
+                .find(|l| l.starts_with(mode) && l.split_whitespace().nth(2) == Some(entries))
+                .unwrap_or_else(|| panic!("no {mode} row for {entries} in:\n{out}"))
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        };
+        let (swap, nat) = (row("macswap"), row("macnat"));
+        let num = |r: &[String], i: usize| -> f64 { r[i].parse().expect("a number") };
+        // Mpps and cycles/frame agree with each other, and the ratio lies between the
+        // 10th and 90th percentiles printed beside it.
+        for r in [&swap, &nat] {
+            assert!(num(r, 3) > 0.0 && num(r, 4) > 0.0, "{r:?}");
+        }
+        let ratio = num(&nat, 5);
+        let (p10, p90) = nat[6].split_once('-').expect("p10-p90");
+        let (p10, p90): (f64, f64) = (p10.parse().unwrap(), p90.parse().unwrap());
+        assert!(p10 <= ratio && ratio <= p90 && p10 > 0.0, "{nat:?}");
+        assert!(num(&nat, 7) >= 1.0, "no pairs: {nat:?}");
     }
 }

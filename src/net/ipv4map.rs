@@ -10,17 +10,55 @@ use super::macnat::Binding;
 use super::packet::MacAddr;
 
 const SLOTS: usize = 3;
+/// The largest port id the map can hold: slots keep `port + 1` in a byte, 0 marking an empty
+/// slot, and [`port_tag`] keeps 255 for ports beyond this.
+pub const MAX_PORT: u16 = 253;
+
+/// What a slot holding port `port` keeps: `port + 1`; 255 for a port beyond [`MAX_PORT`], which
+/// no slot holds. Never 0, the empty slot's.
+#[inline(always)]
+pub fn port_tag(port: u16) -> u8 {
+    if port <= MAX_PORT {
+        port as u8 + 1
+    } else {
+        u8::MAX
+    }
+}
 /// Keep buckets at most this full (in slots out of 3) on average.
 const LOAD_NUM: usize = 2;
+
+/// The IPv4 ethertype as it follows the source MAC in a frame.
+const IPV4_ETHERTYPE: [u8; 2] = [0x08, 0x00];
 
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 struct Bucket {
     keys: [u32; SLOTS],
-    ports: [u16; SLOTS],
-    /// Per slot: `[local MAC, global MAC]`.
-    macs: [[[u8; 6]; 2]; SLOTS],
-    _pad: [u8; 10],
+    /// Per slot: [`port_tag`] of the VM-side port; 0 in an empty slot.
+    ports: [u8; SLOTS],
+    _pad: u8,
+    /// Per slot: the local MAC and the IPv4 ethertype, the 8 bytes at offset 6 of an untagged
+    /// IPv4 frame from the VM (so one 8-byte compare checks both).
+    local: [[u8; 8]; SLOTS],
+    /// Per slot: the global MAC and the IPv4 ethertype, what egress writes at offset 6.
+    global: [[u8; 8]; SLOTS],
+}
+
+/// A MAC followed by the IPv4 ethertype.
+fn mac_word(mac: [u8; 6]) -> [u8; 8] {
+    let mut w = [0u8; 8];
+    w[..6].copy_from_slice(&mac);
+    w[6..].copy_from_slice(&IPV4_ETHERTYPE);
+    w
+}
+
+/// The first six bytes of a [`mac_word`].
+#[inline(always)]
+fn word_mac(w: &[u8; 8]) -> &[u8; 6] {
+    let Some(m) = w.first_chunk::<6>() else {
+        unreachable!("8 bytes hold 6")
+    };
+    m
 }
 
 /// Bucket arrays up to 256 KiB count as cache-resident.
@@ -196,7 +234,7 @@ fn match_mask(b: &Bucket, key: u32) -> u32 {
             _mm_castsi128_ps, _mm_cmpeq_epi32, _mm_load_si128, _mm_movemask_ps, _mm_set1_epi32,
         };
         // SAFETY: SSE2 is part of the x86_64 baseline. A Bucket is 64-byte aligned and 64 bytes
-        // long, so the aligned 16-byte load stays inside it (the three keys and two ports).
+        // long, so the aligned 16-byte load stays inside it (the three keys, the ports and pad).
         unsafe {
             let v = _mm_load_si128((b as *const Bucket).cast());
             let eq = _mm_cmpeq_epi32(v, _mm_set1_epi32(key as i32));
@@ -232,29 +270,39 @@ impl<'a> Entry<'a> {
     /// The VM's local MAC.
     #[inline(always)]
     pub fn local(&self) -> &[u8; 6] {
-        &self.bucket.macs[self.slot][0]
+        word_mac(&self.bucket.local[self.slot])
     }
 
     /// The VM's global MAC.
     #[inline(always)]
     pub fn global(&self) -> &[u8; 6] {
-        &self.bucket.macs[self.slot][1]
+        word_mac(&self.bucket.global[self.slot])
+    }
+
+    /// The global MAC followed by the IPv4 ethertype: what an egress IPv4 frame gets at offset 6.
+    #[inline(always)]
+    pub fn global_ipv4_word(&self) -> &[u8; 8] {
+        &self.bucket.global[self.slot]
     }
 
     /// The VM-side port.
     #[inline(always)]
     pub fn port(&self) -> u16 {
-        self.bucket.ports[self.slot]
+        u16::from(self.bucket.ports[self.slot]).wrapping_sub(1)
     }
 
-    /// Is `frame_mac` (6 bytes, then 2 more of whatever follows in the frame) the local MAC?
-    /// One 8-byte compare, not a 4- and a 2-byte one.
+    /// Whether the slot is for port `tag` ([`port_tag`]): never true of an empty slot, so a
+    /// caller that checks this need not exclude key 0 (the empty slots' key) first.
     #[inline(always)]
-    pub fn local_matches(&self, frame_mac: [u8; 8]) -> bool {
-        let [l, g] = &self.bucket.macs[self.slot];
-        let local = u64::from_le_bytes([l[0], l[1], l[2], l[3], l[4], l[5], g[0], g[1]]);
-        // Shifting out the top two bytes compares the first six.
-        (u64::from_le_bytes(frame_mac) ^ local) << 16 == 0
+    pub fn on_port(&self, tag: u8) -> bool {
+        self.bucket.ports[self.slot] == tag
+    }
+
+    /// Are `frame_word` (the 8 bytes at offset 6 of a frame) the local MAC followed by the IPv4
+    /// ethertype? One 8-byte compare for the source MAC and the ethertype.
+    #[inline(always)]
+    pub fn local_ipv4_matches(&self, frame_word: [u8; 8]) -> bool {
+        u64::from_ne_bytes(frame_word) == u64::from_ne_bytes(self.bucket.local[self.slot])
     }
 
     /// The whole binding, copied out.
@@ -325,6 +373,10 @@ impl Ipv4BindingMap {
 
     fn insert(&mut self, key: u32, b: Binding) {
         debug_assert!(key != 0);
+        // Ports are kept in a byte: MacNatVersion refuses entries with larger port ids (DPDK has
+        // at most RTE_MAX_ETHPORTS ports, 32 in Debian's build).
+        debug_assert!(b.port <= MAX_PORT);
+        let port = port_tag(b.port);
         if self.len + 1 > self.buckets.len() * LOAD_NUM {
             // Callers size the map from the item count; grow if that was an underestimate.
             let items: Vec<(u32, Binding)> = self.iter().collect();
@@ -340,8 +392,9 @@ impl Ipv4BindingMap {
                         self.len += 1;
                     }
                     bucket.keys[s] = key;
-                    bucket.ports[s] = b.port;
-                    bucket.macs[s] = [b.local.0, b.global.0];
+                    bucket.ports[s] = port;
+                    bucket.local[s] = mac_word(b.local.0);
+                    bucket.global[s] = mac_word(b.global.0);
                     self.max_probe = self.max_probe.max(probe);
                     return;
                 }
@@ -361,19 +414,23 @@ impl Ipv4BindingMap {
     /// Looks a key up.
     #[inline(always)]
     pub fn get(&self, key: u32) -> Option<Binding> {
+        if key == 0 {
+            return None;
+        }
         self.find(key, self.home(key)).map(|e| e.binding())
     }
 
     /// Looks a key up from its [`Self::home`] bucket.
+    ///
+    /// Key 0 marks empty slots and is never stored: looking it up may find an empty slot,
+    /// which [`Entry::on_port`] tells apart. Callers that do not check the port must not look
+    /// up 0.
     ///
     /// Branch-light: one SSE2 compare of the key against a bucket's three keys and a
     /// `trailing_zeros` of the match mask pick the slot — which slot holds a key is random, so a
     /// branch per slot mispredicts on about every other frame.
     #[inline(always)]
     pub fn find(&self, key: u32, home: usize) -> Option<Entry<'_>> {
-        if key == 0 {
-            return None;
-        }
         let off = home & self.off_mask;
         // SAFETY: `off_mask` is (bucket count - 1) * bucket size with a power-of-two count, so
         // `off` is the offset of a bucket inside the array.
@@ -514,6 +571,35 @@ mod tests {
         }
         assert!(m.max_probe < 16, "probe chains too long: {}", m.max_probe);
         assert_eq!(Ipv4BindingMap::default().get(1), None);
+    }
+
+    /// The data path keys addresses in frame byte order (see `MacNatVersion`): a dense range
+    /// then varies in the key's top byte first. The hash must still spread it: nearly every key
+    /// in its home bucket, short probe chains.
+    #[test]
+    fn dense_frame_order_ranges_spread() {
+        for n in [1_000u32, 1_000_000] {
+            let keys: Vec<u32> = (1..=n)
+                .map(|i| u32::from_ne_bytes((0x0a00_0000 + i).to_be_bytes()))
+                .collect();
+            let m = Ipv4BindingMap::build(keys.iter().map(|k| (*k, binding(*k))), keys.len());
+            let away = keys
+                .iter()
+                .filter(|k| {
+                    let home = &m.buckets[m.home(**k) / std::mem::size_of::<Bucket>()];
+                    !home.keys.contains(k)
+                })
+                .count();
+            println!(
+                "{n} keys: {away} outside their home bucket, longest probe {}",
+                m.max_probe
+            );
+            assert!(
+                away * 20 <= keys.len(),
+                "{away} of {n} keys outside their home bucket"
+            );
+            assert!(m.max_probe <= 4, "probe chains too long: {}", m.max_probe);
+        }
     }
 
     proptest! {

@@ -61,9 +61,18 @@ pub enum MacNatError {
     /// Delete of an IP not in the table.
     #[error("ip: {0} is not in the table")]
     NotFound(IpAddr),
+    /// The port id is larger than any DPDK port can have here.
+    #[error("port: {0} is above {max}, the largest port id MAC-NAT keeps", max = super::ipv4map::MAX_PORT)]
+    BadPort(u16),
     /// local == global makes translation meaningless and hides spoofing.
     #[error("local_mac and global_mac are both {0}")]
     SameMac(MacAddr),
+}
+
+/// An IPv4 address (host order) as the data path's map keys it: its bytes in network order,
+/// read as a native integer, the way the fast path loads it from a frame.
+fn map_key(host_order: u32) -> u32 {
+    u32::from_ne_bytes(host_order.to_be_bytes())
 }
 
 /// One immutable version of the table.
@@ -109,14 +118,17 @@ impl MacNatVersion {
 
     /// Rebuilds the data path's IPv4 map from the entries; call after insert/remove.
     pub(crate) fn reindex(&mut self) {
-        self.fast_v4 = Ipv4BindingMap::build(self.v4.iter().map(|(k, b)| (*k, *b)), self.v4.len());
+        self.fast_v4 = Ipv4BindingMap::build(
+            self.v4.iter().map(|(k, b)| (map_key(*k), *b)),
+            self.v4.len(),
+        );
     }
 
     /// Lookup by IP.
     #[inline(always)]
     pub fn lookup(&self, ip: IpKey) -> Option<Binding> {
         match ip {
-            IpKey::V4(a) => self.fast_v4.get(u32::from_be_bytes(a)),
+            IpKey::V4(a) => self.fast_v4.get(u32::from_ne_bytes(a)),
             IpKey::V6(a) => self.v6.get(&u128::from_be_bytes(a)).copied(),
         }
     }
@@ -152,6 +164,9 @@ impl MacNatVersion {
         }
         if e.local == e.global {
             return Err(MacNatError::SameMac(e.local));
+        }
+        if e.port > super::ipv4map::MAX_PORT {
+            return Err(MacNatError::BadPort(e.port));
         }
         let ip: IpAddr = e.ip.into();
         if ip.is_unspecified()
@@ -312,6 +327,7 @@ impl MacNatTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::ipv4map::MAX_PORT;
 
     fn mac(last: u8) -> MacAddr {
         MacAddr([0x52, 0x54, 0, 0, 0, last])
@@ -350,6 +366,29 @@ mod tests {
             "local MAC index must follow deletes"
         );
         assert!(r.get().lookup_local_mac(mac(3)).is_some());
+    }
+
+    /// The data path keeps ports in a byte: a larger port id is refused with a message naming
+    /// the field, and the largest one it keeps is found on that port.
+    #[test]
+    fn port_ids_beyond_a_byte_are_refused() {
+        let t = MacNatTable::new(&[], 1).unwrap();
+        let on = |port| MacNatEntry {
+            port,
+            ..e4([10, 0, 0, 2], 2, 1)
+        };
+        let err = t.add(&[on(MAX_PORT + 1)]).unwrap_err();
+        assert!(matches!(err, MacNatError::BadPort(p) if p == MAX_PORT + 1));
+        assert!(err.to_string().starts_with("port: "), "{err}");
+        assert_eq!(t.len(), 0);
+        t.add(&[on(MAX_PORT)]).unwrap();
+        let mut r = t.reader(0).unwrap();
+        r.online();
+        assert_eq!(
+            r.get().lookup(IpKey::V4([10, 0, 0, 2])).unwrap().port,
+            MAX_PORT
+        );
+        r.offline();
     }
 
     #[test]

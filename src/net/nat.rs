@@ -2,7 +2,7 @@
 //! why it is dropped. Pure over a byte slice, so it is tested without DPDK; the lcore loop in
 //! [`super::dataplane`] calls it for every received frame.
 
-use super::ipv4map::{Entry, Ipv4BindingMap};
+use super::ipv4map::{port_tag, Entry, Ipv4BindingMap};
 use super::macnat::MacNatVersion;
 use super::packet::{self, Control, FrameInfo, Malformed, L3};
 
@@ -93,56 +93,76 @@ const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
 /// Frames a burst call handles at most (the dataplane's rx burst).
 pub const BURST: usize = 32;
 
-/// The first 34 bytes of an untagged IPv4 frame with a plain 20-byte header, the shape nearly
-/// all traffic has; `None` sends the frame down the general path.
+/// The first 34 bytes of a frame with a plain 20-byte IPv4 header after 14 bytes of Ethernet,
+/// the shape nearly all traffic has; `None` sends the frame down the general path. The
+/// ethertype is each direction's to check ([`FastPath::takes`] or [`FastPath::apply`]).
 #[inline(always)]
 fn plain_ipv4(frame: &mut [u8]) -> Option<&mut [u8; 34]> {
     let h = frame.first_chunk_mut::<34>()?;
     // 0x45: version 4, IHL 5. Total length must at least cover the header (else BadIpv4).
-    if h[12..14] != ETHERTYPE_IPV4 || h[14] != 0x45 || u16::from_be_bytes([h[16], h[17]]) < 20 {
+    if h[14] != 0x45 || u16::from_be_bytes([h[16], h[17]]) < 20 {
         return None;
     }
     Some(h)
 }
 
+/// The IPv4 address at `off` as the MAC-NAT map keys it: its four bytes in frame order, loaded
+/// as a native integer (no byte swap on the fast path).
 #[inline(always)]
-fn ipv4_at(h: &[u8; 34], off: usize) -> u32 {
-    u32::from_be_bytes([h[off], h[off + 1], h[off + 2], h[off + 3]])
+fn map_key_at(h: &[u8; 34], off: usize) -> u32 {
+    u32::from_ne_bytes([h[off], h[off + 1], h[off + 2], h[off + 3]])
 }
 
 /// The direction-specific part of the IPv4 fast path.
 trait FastPath {
     /// Offset of the IPv4 address that is the key (source for egress, destination for ingress).
     const KEY_AT: usize;
-    /// Whether the fast path takes this plain IPv4 frame with this (non-zero) key.
+    /// Every translated frame goes to the same port (egress: the uplink), so a burst needs no
+    /// per-frame output port.
+    const ONE_PORT: bool;
+    /// `apply` checks the slot's port ([`Entry::on_port`]), which an empty slot never passes,
+    /// so key 0 (0.0.0.0, which finds empty slots) needs no test of its own.
+    const CHECKS_PORT: bool;
+    /// Whether the fast path takes this frame with a plain IPv4 header and this (non-zero) key.
+    /// Its ethertype is checked here or in `apply`, before anything is rewritten.
     fn takes(h: &[u8; 34]) -> bool;
     /// Checks and rewrites a frame whose key was found; `None` (frame untouched) sends it to
     /// the general path. `Some(port)` is where the translated frame goes.
     fn apply(&self, h: &mut [u8; 34], e: Entry<'_>) -> Option<u16>;
 }
 
-/// Egress from a VM on `in_port` to `uplink`.
+/// Egress from a VM on the port of tag `in_port` ([`port_tag`]) to `uplink`.
 struct Egress {
-    in_port: u16,
+    in_port: u8,
     uplink: u16,
+}
+
+impl Egress {
+    fn new(in_port: u16, uplink: u16) -> Egress {
+        Egress {
+            in_port: port_tag(in_port),
+            uplink,
+        }
+    }
 }
 
 impl FastPath for Egress {
     const KEY_AT: usize = 26;
+    const ONE_PORT: bool = true;
+    const CHECKS_PORT: bool = true;
+    /// The ethertype is compared in `apply`, with the source MAC.
     #[inline(always)]
     fn takes(_: &[u8; 34]) -> bool {
         true
     }
     #[inline(always)]
     fn apply(&self, h: &mut [u8; 34], e: Entry<'_>) -> Option<u16> {
-        // The source MAC and the two bytes after it (the entry compares the first six).
-        let src = [h[6], h[7], h[8], h[9], h[10], h[11], h[12], h[13]];
-        if !e.local_matches(src) || self.in_port != e.port() {
+        // The source MAC and the ethertype, compared and rewritten as one 8-byte word.
+        let w = h.get_mut(6..14)?.first_chunk_mut::<8>()?;
+        if !e.local_ipv4_matches(*w) || !e.on_port(self.in_port) {
             return None;
         }
-        let g = e.global();
-        h[6..10].copy_from_slice(&g[..4]);
-        h[10..12].copy_from_slice(&g[4..]);
+        *w = *e.global_ipv4_word();
         Some(self.uplink)
     }
 }
@@ -152,10 +172,12 @@ struct Ingress;
 
 impl FastPath for Ingress {
     const KEY_AT: usize = 30;
-    /// Only towards a unicast MAC: broadcast and multicast are never translated.
+    const ONE_PORT: bool = false;
+    const CHECKS_PORT: bool = false;
+    /// IPv4, towards a unicast MAC only: broadcast and multicast are never translated.
     #[inline(always)]
     fn takes(h: &[u8; 34]) -> bool {
-        h[0] & 1 == 0
+        h[12..14] == ETHERTYPE_IPV4 && h[0] & 1 == 0
     }
     #[inline(always)]
     fn apply(&self, h: &mut [u8; 34], e: Entry<'_>) -> Option<u16> {
@@ -176,13 +198,13 @@ fn fast_one<P: FastPath>(p: &P, frame: &mut [u8], map: &Ipv4BindingMap) -> Optio
     p.apply(h, e)
 }
 
-/// A frame the fast path takes (plain IPv4, the direction's own condition, a non-zero key): its
-/// first 34 bytes and its key.
+/// A frame the fast path takes (plain IPv4, the direction's own condition, a non-zero key unless
+/// `apply` checks the port): its first 34 bytes and its key.
 #[inline(always)]
 fn fast_key<P: FastPath>(frame: &mut [u8]) -> Option<(&mut [u8; 34], u32)> {
     let h = plain_ipv4(frame)?;
-    let key = ipv4_at(h, P::KEY_AT);
-    (key != 0 && P::takes(h)).then_some((h, key))
+    let key = map_key_at(h, P::KEY_AT);
+    ((P::CHECKS_PORT || key != 0) && P::takes(h)).then_some((h, key))
 }
 
 /// A burst's lookups started ahead of its processing: each frame's key (0: not for the fast
@@ -260,7 +282,11 @@ fn fast_burst<P: FastPath, F: AsMut<[u8]>>(
     if map.cache_resident() {
         for (i, (f, port)) in frames.iter_mut().zip(ports.iter_mut()).enumerate() {
             match fast_one(p, f.as_mut(), map) {
-                Some(to) => *port = to,
+                Some(to) => {
+                    if !P::ONE_PORT {
+                        *port = to
+                    }
+                }
                 None => other |= 1 << i,
             }
         }
@@ -284,7 +310,11 @@ fn fast_burst<P: FastPath, F: AsMut<[u8]>>(
             (_, Some(h)) => map.find(k, home).and_then(|e| p.apply(h, e)),
         };
         match to {
-            Some(to) => *port = to,
+            Some(to) => {
+                if !P::ONE_PORT {
+                    *port = to
+                }
+            }
             None => other |= 1 << i,
         }
     }
@@ -306,18 +336,20 @@ pub fn egress_burst<F: AsMut<[u8]>>(
     pre: &Prefetched,
     verdicts: &mut [Verdict; BURST],
 ) -> Option<u16> {
-    let p = Egress {
-        in_port,
-        uplink: policy.uplink,
-    };
+    let p = Egress::new(in_port, policy.uplink);
+    // Egress is ONE_PORT: every translated frame goes to the uplink; `ports` stays unused.
     let mut ports = [0u16; BURST];
     let other = fast_burst(&p, frames, table.v4_map(), pre, &mut ports);
     if other == 0 && frames.len() <= BURST {
         return Some(policy.uplink);
     }
-    fill_verdicts(frames, other, &ports, verdicts, |f| {
-        egress_general(f, in_port, table, policy)
-    });
+    fill_verdicts(
+        frames,
+        other,
+        |_| policy.uplink,
+        verdicts,
+        |f| egress_general(f, in_port, table, policy),
+    );
     None
 }
 
@@ -338,31 +370,30 @@ pub fn ingress_burst<F: AsMut<[u8]>>(
     if other == 0 && frames.len() <= BURST && n > 0 && ports[..n].iter().all(|p| *p == first) {
         return Some(first);
     }
-    fill_verdicts(frames, other, &ports, verdicts, |f| {
-        ingress_general(f, table, policy)
-    });
+    fill_verdicts(
+        frames,
+        other,
+        |i| ports[i],
+        verdicts,
+        |f| ingress_general(f, table, policy),
+    );
     None
 }
 
-/// Verdicts for a burst the fast path did not finish: its translated frames go to their port,
-/// the others (bits of `other`) are decided by `general`.
+/// Verdicts for a burst the fast path did not finish: translated frame `i` goes to
+/// `port_of(i)`, the others (bits of `other`) are decided by `general`.
 #[inline(always)]
 fn fill_verdicts<F: AsMut<[u8]>>(
     frames: &mut [F],
     other: u32,
-    ports: &[u16; BURST],
+    port_of: impl Fn(usize) -> u16,
     verdicts: &mut [Verdict; BURST],
     mut general: impl FnMut(&mut [u8]) -> Verdict,
 ) {
-    for (i, ((f, v), &port)) in frames
-        .iter_mut()
-        .zip(verdicts.iter_mut())
-        .zip(ports)
-        .enumerate()
-    {
+    for (i, (f, v)) in frames.iter_mut().zip(verdicts.iter_mut()).enumerate() {
         *v = if other & (1 << i) == 0 {
             Verdict::Forward {
-                port,
+                port: port_of(i),
                 translated: true,
             }
         } else {
@@ -377,10 +408,7 @@ pub fn egress(frame: &mut [u8], in_port: u16, table: &MacNatVersion, policy: &Po
     // Fast path: plain IPv4 with a source address, translated. Everything else, including a
     // fast-path miss (unknown, spoofed), is decided by the general path, so the fast path can
     // only ever agree with it (a property test checks the rewrite too).
-    let p = Egress {
-        in_port,
-        uplink: policy.uplink,
-    };
+    let p = Egress::new(in_port, policy.uplink);
     match fast_one(&p, frame, table.v4_map()) {
         Some(port) => Verdict::Forward {
             port,
@@ -603,6 +631,42 @@ mod tests {
         assert_eq!(&f[6..12], &GLOBAL.0);
     }
 
+    /// 0.0.0.0 finds the empty slots of the IPv4 map (key 0 marks them), and an empty slot's
+    /// local MAC and ethertype words are zero. A frame that matches those words is left to the
+    /// general path on every input port: egress relies on the slot's port check, which an
+    /// empty slot never passes, instead of excluding 0.0.0.0.
+    #[test]
+    fn zero_source_never_matches_an_empty_slot() {
+        let t = table();
+        let p = policy(Disposition::Forward);
+        let mut f = frames::ipv4_udp(PEER, MacAddr([0; 6]), [0, 0, 0, 0], [10, 0, 0, 1], 60);
+        f[12..14].fill(0);
+        assert_eq!(f[14], 0x45);
+        for port in [0, 1, 2, crate::net::ipv4map::MAX_PORT + 1, u16::MAX] {
+            let (mut a, mut b) = (f.clone(), f.clone());
+            let v = egress(&mut a, port, &t, &p);
+            assert_eq!(v, egress_general(&mut b, port, &t, &p), "port {port}");
+            assert!(
+                !matches!(
+                    v,
+                    Verdict::Forward {
+                        translated: true,
+                        ..
+                    }
+                ),
+                "port {port}: {v:?}"
+            );
+            assert_eq!(a, f, "port {port}: rewritten");
+            let mut burst = [f.clone()];
+            let mut verdicts = [Verdict::Drop(DropReason::Control); BURST];
+            assert_eq!(
+                egress_burst(&mut burst, port, &t, &p, &Prefetched::NONE, &mut verdicts),
+                None
+            );
+            assert_eq!(verdicts[0], v, "port {port}: burst");
+        }
+    }
+
     fn frame_strategy() -> impl Strategy<Value = Vec<u8>> {
         let ips = prop_oneof![
             Just([10u8, 0, 0, 2]),
@@ -687,6 +751,13 @@ mod tests {
         })
     }
 
+    /// Input ports: the table's, one it does not use, the largest it could, and one beyond
+    /// (egress checks the entry's port instead of excluding 0.0.0.0, which finds empty slots).
+    fn ports() -> impl Strategy<Value = u16> {
+        use crate::net::ipv4map::MAX_PORT;
+        prop_oneof![0u16..3, Just(MAX_PORT), Just(MAX_PORT + 2), Just(u16::MAX)]
+    }
+
     fn burst_strategy() -> impl Strategy<Value = Vec<Vec<u8>>> {
         let mixed = prop_oneof![translatable(), frame_strategy()];
         prop_oneof![
@@ -725,7 +796,7 @@ mod tests {
         /// (one pass) and a big one (prefetch pass first). A burst reported as all translated
         /// must be all translated, to that port.
         #[test]
-        fn bursts_agree_with_frame_by_frame(burst in burst_strategy(), port in 0u16..3, fwd in any::<bool>(), big in any::<bool>(), ahead in any::<bool>()) {
+        fn bursts_agree_with_frame_by_frame(burst in burst_strategy(), port in ports(), fwd in any::<bool>(), big in any::<bool>(), ahead in any::<bool>()) {
             let small = table();
             let t = if big { big_table() } else { &small };
             let p = policy(if fwd { Disposition::Forward } else { Disposition::Drop });
@@ -755,7 +826,7 @@ mod tests {
 
         /// The fast paths decide exactly what the general path decides, byte for byte.
         #[test]
-        fn fast_paths_agree_with_general_path(f in frame_strategy(), port in 0u16..3, fwd in any::<bool>()) {
+        fn fast_paths_agree_with_general_path(f in frame_strategy(), port in ports(), fwd in any::<bool>()) {
             let t = table();
             let p = policy(if fwd { Disposition::Forward } else { Disposition::Drop });
             let (mut a, mut b) = (f.clone(), f.clone());

@@ -336,11 +336,16 @@ pub fn egress_burst<F: AsMut<[u8]>>(
     pre: &Prefetched,
     verdicts: &mut [Verdict; BURST],
 ) -> Option<u16> {
+    let general = |f: &mut [u8]| egress_general(f, in_port, table, policy);
+    if frames.len() > BURST {
+        fill_verdicts(frames, u32::MAX, |_| policy.uplink, verdicts, general);
+        return None;
+    }
     let p = Egress::new(in_port, policy.uplink);
     // Egress is ONE_PORT: every translated frame goes to the uplink; `ports` stays unused.
     let mut ports = [0u16; BURST];
     let other = fast_burst(&p, frames, table.v4_map(), pre, &mut ports);
-    if other == 0 && frames.len() <= BURST {
+    if other == 0 {
         return Some(policy.uplink);
     }
     fill_verdicts(
@@ -348,7 +353,7 @@ pub fn egress_burst<F: AsMut<[u8]>>(
         other,
         |_| policy.uplink,
         verdicts,
-        |f| egress_general(f, in_port, table, policy),
+        general,
     );
     None
 }

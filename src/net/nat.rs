@@ -348,13 +348,7 @@ pub fn egress_burst<F: AsMut<[u8]>>(
     if other == 0 {
         return Some(policy.uplink);
     }
-    fill_verdicts(
-        frames,
-        other,
-        |_| policy.uplink,
-        verdicts,
-        general,
-    );
+    fill_verdicts(frames, other, |_| policy.uplink, verdicts, general);
     None
 }
 

@@ -667,10 +667,7 @@ fn scaling(
     println!(
         "scaling: {rounds} rounds of separate {secs:.2} s runs of each mode on 1 and on 2 lcores"
     );
-    println!(
-        "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9}",
-        "mode", "lcores", "entries", "Mpps", "cycles/pkt", "ratio"
-    );
+    print_header(&[]);
     let mut summary: Vec<Series> = Vec::new();
     let seq1 = Arc::new(index_sequence(1, 1));
     for lcs in &lcore_sets {
@@ -706,19 +703,12 @@ fn scaling(
     println!(
         "summary over {rounds} rounds. median: Mpps, and MAC-NAT / the swap measured just before it; best: fastest round of each mode, and their ratio"
     );
-    println!(
-        "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9} {:>15} {:>11} {:>14} {:>10}",
-        "mode",
-        "lcores",
-        "entries",
-        "Mpps",
-        "cycles/pkt",
-        "ratio",
-        "ratio min-max",
-        "best Mpps",
-        "best cyc/pkt",
-        "best ratio"
-    );
+    print_header(&[
+        ("ratio min-max", 15),
+        ("best Mpps", 11),
+        ("best cyc/pkt", 14),
+        ("best ratio", 10),
+    ]);
     let hz = tsc_hz() as f64;
     let cycles = |lcores: usize, mpps: f64| hz * lcores as f64 / (mpps * 1e6).max(1.0);
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
@@ -780,6 +770,31 @@ fn scaling(
     Ok(())
 }
 
+/// The columns every table of `bench macnat` starts with, and their widths.
+const LEAD_COLUMNS: [(&str, usize); 6] = [
+    ("mode", 10),
+    ("lcores", 8),
+    ("entries", 10),
+    ("Mpps", 11),
+    ("cycles/pkt", 14),
+    ("ratio", 9),
+];
+
+/// A table header: [`LEAD_COLUMNS`], then `more`; the first column left-aligned, the others
+/// right-aligned, each to its width.
+fn print_header(more: &[(&str, usize)]) {
+    let line: Vec<String> = LEAD_COLUMNS
+        .iter()
+        .chain(more)
+        .enumerate()
+        .map(|(i, (name, w))| match i {
+            0 => format!("{name:<w$}"),
+            _ => format!("{name:>w$}"),
+        })
+        .collect();
+    println!("{}", line.join(" "));
+}
+
 /// The `p`-quantile (0..=1) of `v`, by nearest rank.
 fn quantile(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
@@ -820,19 +835,12 @@ fn interleaved(
     println!(
         "one lcore, {secs} s: the swap and MAC-NAT alternate every {slice} bursts, each pair fed the same frames; Mpps, cycles/pkt: medians over the slices; ratio: median over the pairs of MAC-NAT Mpps / swap Mpps, and its 10th-90th percentiles; quiet: each mode's fastest tenth of slices (10th percentile of cycles/pkt), the least disturbed by neighbours, and their ratio"
     );
-    println!(
-        "{:<10} {:>8} {:>10} {:>11} {:>14} {:>9} {:>15} {:>8} {:>11} {:>11}",
-        "mode",
-        "lcores",
-        "entries",
-        "Mpps",
-        "cycles/pkt",
-        "ratio",
-        "ratio p10-p90",
-        "pairs",
-        "quiet cyc",
-        "quiet ratio"
-    );
+    print_header(&[
+        ("ratio p10-p90", 15),
+        ("pairs", 8),
+        ("quiet cyc", 11),
+        ("quiet ratio", 11),
+    ]);
     let mut costs = Vec::new();
     for ((n, _, _), pairs) in tables.iter().zip(&pairs) {
         let swap: Vec<f64> = pairs.iter().map(|p| p.0).collect();

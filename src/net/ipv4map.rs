@@ -52,13 +52,11 @@ fn mac_word(mac: [u8; 6]) -> [u8; 8] {
     w
 }
 
-/// The first six bytes of a [`mac_word`].
+/// The MAC of a [`mac_word`].
 #[inline(always)]
-fn word_mac(w: &[u8; 8]) -> &[u8; 6] {
-    let Some(m) = w.first_chunk::<6>() else {
-        unreachable!("8 bytes hold 6")
-    };
-    m
+fn word_mac(w: &[u8; 8]) -> [u8; 6] {
+    let [a, b, c, d, e, f, _, _] = *w;
+    [a, b, c, d, e, f]
 }
 
 /// Bucket arrays up to 256 KiB count as cache-resident.
@@ -269,13 +267,13 @@ impl<'a> Entry<'a> {
 
     /// The VM's local MAC.
     #[inline(always)]
-    pub fn local(&self) -> &[u8; 6] {
+    pub fn local(&self) -> [u8; 6] {
         word_mac(&self.bucket.local[self.slot])
     }
 
     /// The VM's global MAC.
     #[inline(always)]
-    pub fn global(&self) -> &[u8; 6] {
+    pub fn global(&self) -> [u8; 6] {
         word_mac(&self.bucket.global[self.slot])
     }
 
@@ -309,8 +307,8 @@ impl<'a> Entry<'a> {
     #[inline(always)]
     pub fn binding(&self) -> Binding {
         Binding {
-            local: MacAddr(*self.local()),
-            global: MacAddr(*self.global()),
+            local: MacAddr(self.local()),
+            global: MacAddr(self.global()),
             port: self.port(),
         }
     }
@@ -604,8 +602,11 @@ mod tests {
                 "{n} keys: {away} outside their home bucket, longest probe {}",
                 m.max_probe
             );
+            // Small tables are built a third full (none away for this range), big ones two
+            // thirds.
+            let most = if n <= 1_000 { 100 } else { 20 };
             assert!(
-                away * 20 <= keys.len(),
+                away * most <= keys.len(),
                 "{away} of {n} keys outside their home bucket"
             );
             assert!(m.max_probe <= 4, "probe chains too long: {}", m.max_probe);

@@ -181,10 +181,10 @@ impl FastPath for Ingress {
     }
     #[inline(always)]
     fn apply(&self, h: &mut [u8; 34], e: Entry<'_>) -> Option<u16> {
-        if h[0..6] != *e.global() {
+        if h[0..6] != e.global() {
             return None;
         }
-        h[0..6].copy_from_slice(e.local());
+        h[0..6].copy_from_slice(&e.local());
         Some(e.port())
     }
 }

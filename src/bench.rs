@@ -375,9 +375,9 @@ fn memory_probe(bytes: usize) -> (f64, f64) {
     let Some(map) = crate::net::ipv4map::HugeZeroed::new(bytes).filter(|_| lines >= 1024) else {
         return (f64::NAN, f64::NAN);
     };
-    // SAFETY: the mapping holds `bytes` zero-filled bytes (a valid [u64]), 2 MiB aligned, and
-    // nothing else refers to it while `map` lives (it outlives `table`).
     let table: &mut [u64] =
+        // SAFETY: the mapping holds `bytes` zero-filled bytes (a valid [u64]), 2 MiB aligned, and
+        // nothing else refers to it while `map` lives (it outlives `table`).
         unsafe { std::slice::from_raw_parts_mut(map.as_ptr().cast::<u64>(), bytes / 8) };
     for (i, v) in table.iter_mut().enumerate() {
         *v = i as u64;

@@ -372,9 +372,9 @@ impl RxQueue {
         if room == 0 {
             return 0;
         }
-        // SAFETY: `p` points at `room` writable slots of the burst; this handle is the only poller
-        // of (port, queue). The driver writes owned mbuf pointers into the first n slots.
         let n =
+            // SAFETY: `p` points at `room` writable slots of the burst; this handle is the only poller
+            // of (port, queue). The driver writes owned mbuf pointers into the first n slots.
             unsafe { dpdk_sys::hp_eth_rx_burst(self.port, self.queue, p, room as u16) } as usize;
         // SAFETY: the driver filled exactly n slots with owned, valid mbufs.
         unsafe { burst.commit_filled(n) };
@@ -400,8 +400,8 @@ impl TxQueue {
         if n == 0 {
             return 0;
         }
-        // SAFETY: `p` points at n owned mbufs; this handle is the only user of (port, queue).
         let sent =
+            // SAFETY: `p` points at n owned mbufs; this handle is the only user of (port, queue).
             unsafe { dpdk_sys::hp_eth_tx_burst(self.port, self.queue, p, n as u16) } as usize;
         // SAFETY: the driver now owns the first `sent` mbufs and will free them after transmit.
         unsafe { burst.forget_front(sent) };

@@ -292,8 +292,8 @@ impl MbufBurst {
     /// For tx: live mbufs as raw pointers.
     #[inline]
     pub(crate) fn live_raw(&mut self) -> (*mut *mut dpdk_sys::rte_mbuf, usize) {
-        // SAFETY: head <= len <= BURST_SIZE.
         (
+            // SAFETY: head <= len <= BURST_SIZE.
             unsafe { self.slots.as_mut_ptr().add(self.head) }.cast(),
             self.len(),
         )

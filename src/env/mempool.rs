@@ -46,9 +46,11 @@ impl Mempool {
     pub fn alloc(&self) -> Result<Mbuf, EnvError> {
         // SAFETY: the pool pointer is valid for the process lifetime.
         let m = unsafe { dpdk_sys::hp_pktmbuf_alloc(self.0.as_ptr()) };
-        // SAFETY: a non-null result is a freshly allocated mbuf that we now own exclusively.
         NonNull::new(m)
-            .map(|p| unsafe { Mbuf::from_raw(p) })
+            .map(|p| {
+                // SAFETY: a non-null result is a freshly allocated mbuf that we now own exclusively.
+                unsafe { Mbuf::from_raw(p) }
+            })
             .ok_or(EnvError::PoolExhausted)
     }
 

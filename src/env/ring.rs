@@ -57,8 +57,8 @@ pub struct Consumer<T> {
 
 fn create<T>(name: &str, capacity: u32, flags: u32) -> Result<Arc<RawRing<T>>, EnvError> {
     let cname = CString::new(name).map_err(|_| EnvError::BadArgument(name.into()))?;
-    // SAFETY: valid name; socket -1 = any. EXACT_SZ makes `capacity` usable slots.
     let r =
+        // SAFETY: valid name; socket -1 = any. EXACT_SZ makes `capacity` usable slots.
         unsafe { dpdk_sys::rte_ring_create(cname.as_ptr(), capacity, -1, flags | RING_F_EXACT_SZ) };
     let ring = NonNull::new(r).ok_or_else(|| EnvError::Create {
         what: "ring",

@@ -361,8 +361,8 @@ impl Image {
             ioctx,
         };
         let mut buf = vec![0u8; 128];
-        // SAFETY: image is open; buf is writable for its length.
         let rc =
+            // SAFETY: image is open; buf is writable for its length.
             unsafe { rbd_sys::rbd_get_id(img.image, buf.as_mut_ptr() as *mut c_char, buf.len()) };
         if rc >= 0 {
             img.id = CStr::from_bytes_until_nul(&buf)

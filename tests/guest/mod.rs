@@ -225,7 +225,13 @@ impl Guest {
             "-m".into(),
             mem.clone(),
             "-smp".into(),
-            cfg.smp.to_string(),
+            // maxcpus of at least 2, even with one vCPU online: TCG translates the guest's memory
+            // barriers into host barriers only when more than one vCPU may run (QEMU sets
+            // CF_PARALLEL from max_cpus). Without them the guest's virtio handshake with a
+            // backend in another process (publish used idx / read used_event against write
+            // used_event / read used idx) can lose an interrupt, and fio then waits forever:
+            // hot_upgrade's guest hung so after a handover in 2 of 3 runs.
+            format!("{},maxcpus={}", cfg.smp, cfg.smp.max(2)),
             // vhost-user maps guest RAM in the backend: it must be a shareable fd.
             "-object".into(),
             format!("memory-backend-memfd,id=mem,size={mem},share=on"),

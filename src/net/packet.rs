@@ -849,6 +849,7 @@ pub fn ipv4_header_checksum_ok(frame: &[u8], info: &FrameInfo) -> bool {
 mod tests {
     use super::super::pcap;
     use super::*;
+    use crate::net::frames;
     use proptest::prelude::*;
     use std::path::PathBuf;
 
@@ -885,20 +886,8 @@ mod tests {
         ethertype: u16,
         payload: &[u8],
     ) -> Vec<u8> {
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&dst.0);
-        frame.extend_from_slice(&src.0);
-        for &(tpid, tci) in tags {
-            frame.extend_from_slice(&tpid.to_be_bytes());
-            frame.extend_from_slice(&tci.to_be_bytes());
-        }
-        frame.extend_from_slice(&ethertype.to_be_bytes());
-        frame.extend_from_slice(payload);
-        // Minimum frame size without FCS: short frames carry padding the parser must tolerate.
-        if frame.len() < 60 {
-            frame.resize(60, 0);
-        }
-        frame
+        // Padded to the minimum frame size: short frames carry padding the parser must tolerate.
+        frames::padded(frames::ethernet(dst, src, tags, ethertype, payload))
     }
 
     fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, l4: &[u8]) -> Vec<u8> {
